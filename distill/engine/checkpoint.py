@@ -1,0 +1,116 @@
+"""Checkpoints: written atomically (temporary file in the same folder, fsync, rename), found by step.
+
+A checkpoint is one `torch.save` file `ckpt-<step>.pt` holding plain state dicts; which keys it holds is
+up to the caller (pretraining and detection store different things). Loading a state dict into a model
+that does not match names the missing, unexpected and mis-shaped keys.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+CKPT_PATTERN = re.compile(r"ckpt-(\d+)\.pt$")
+
+
+class CheckpointMismatch(ValueError):
+    """A state dict that does not fit the model it is loaded into."""
+
+
+def _atomic_write(path: Path, write) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def checkpoint_path(folder: Path, step: int) -> Path:
+    return Path(folder) / f"ckpt-{step:08d}.pt"
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Checkpoints in `folder`, oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CKPT_PATTERN.search(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def prune_checkpoints(folder: Path, keep: int) -> None:
+    for old in list_checkpoints(folder)[:-keep] if keep > 0 else []:
+        old.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: Path) -> dict:
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointMismatch(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+
+
+def resolve_resume(resume: Optional[str], folder: Path) -> Optional[Path]:
+    """`auto` picks the newest readable checkpoint in `folder` (None when there is none)."""
+    if not resume:
+        return None
+    if resume != "auto":
+        path = Path(resume)
+        if not path.exists():
+            raise FileNotFoundError(f"resume={resume}: no such checkpoint")
+        return path
+    for path in reversed(list_checkpoints(folder)):
+        try:
+            torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            return path
+        except Exception:
+            continue  # a truncated file from a crash outside the atomic write; try the older one
+    return None
+
+
+def describe_mismatch(model: torch.nn.Module, state: dict) -> Optional[str]:
+    """None when `state` fits `model` exactly; else a message naming the differing keys."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(state)
+        if hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)
+    )
+    if not (missing or unexpected or shapes):
+        return None
+
+    def fmt(title: str, items: list[str]) -> str:
+        head = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
+        return f"  {title} ({len(items)}): {head}" if items else ""
+
+    parts = [fmt("missing", missing), fmt("unexpected", unexpected), fmt("mis-shaped", shapes)]
+    return "\n".join(p for p in parts if p)
+
+
+def load_state_strict(model: torch.nn.Module, state: dict, source: str = "checkpoint") -> None:
+    problem = describe_mismatch(model, state)
+    if problem:
+        raise CheckpointMismatch(f"{source} does not match {type(model).__name__}:\n{problem}")
+    model.load_state_dict(state)

@@ -1,0 +1,38 @@
+"""Top-1 / top-5 of several classifiers over one pass of the validation shards, summed across processes."""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Mapping
+
+import torch
+from tqdm.auto import tqdm
+
+
+@torch.no_grad()
+def evaluate_topk(
+    models: Mapping[str, Callable[[torch.Tensor], torch.Tensor]],
+    loader: Iterable[dict],
+    accelerator,
+    ks: tuple[int, ...] = (1, 5),
+) -> dict[str, float]:
+    """`models` map a name to a function of a [0, 1] image batch; returns `{name}_top{k}` in percent."""
+    device = accelerator.device
+    correct = torch.zeros(len(models), len(ks), device=device, dtype=torch.float64)
+    seen = torch.zeros((), device=device, dtype=torch.float64)
+    for batch in tqdm(loader, desc="eval", disable=not accelerator.is_main_process, leave=False):
+        images = batch["image"].to(device, non_blocking=True).float().div_(255)
+        labels = batch["label"].to(device, non_blocking=True)
+        seen += labels.numel()
+        with accelerator.autocast():
+            for i, fn in enumerate(models.values()):
+                logits = fn(images)
+                top = logits.topk(min(max(ks), logits.shape[-1]), dim=-1).indices
+                hits = top == labels[:, None]
+                for j, k in enumerate(ks):
+                    correct[i, j] += hits[:, :k].any(dim=-1).sum()
+    correct = accelerator.reduce(correct, reduction="sum")
+    seen = accelerator.reduce(seen, reduction="sum").clamp_min(1)
+    return {
+        f"{name}_top{k}": float(100 * correct[i, j] / seen)
+        for i, name in enumerate(models)
+        for j, k in enumerate(ks)
+    }

@@ -1,0 +1,37 @@
+"""AdamW with no weight decay on norms and biases, and a linear warm-up into a cosine decay."""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import torch
+from timm.optim import param_groups_weight_decay
+
+
+def build_optimizer(
+    params: torch.nn.Module | Iterable[dict],
+    lr: float,
+    weight_decay: float = 0.0,
+    betas: Sequence[float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> torch.optim.AdamW:
+    """A module gets timm's split (1-D parameters, i.e. norms and biases, free of decay); param groups
+    pass through as given, so a caller can set per-group learning rates (a slower backbone, say)."""
+    groups = param_groups_weight_decay(params, weight_decay) if isinstance(params, torch.nn.Module) else params
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+
+
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step multiplier of each group's base LR: 0 → 1 over `warmup_steps`, then cosine to `min_lr_ratio`."""
+    warmup_steps = max(0, int(warmup_steps))
+    total_steps = max(1, int(total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,0 +1,145 @@
+"""Classifier models by name, like timm's `create_model`, across the libraries the students come from.
+
+A name is `timm` by default (`mobilenetv4_conv_small`, `repvit_m1_1.dist_in1k`, `test_resnet`) or carries its
+source as a prefix (`torchvision/shufflenet_v2_x1_0`: timm has no ShuffleNetV2). Sources live in a registry.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distill.engine.checkpoint import CheckpointMismatch, load_checkpoint, load_state_strict
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_SOURCES: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_source(prefix: str):
+    def wrap(fn):
+        _SOURCES[prefix] = fn
+        return fn
+
+    return wrap
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """`torchvision/shufflenet_v2_x1_0` → (torchvision, shufflenet_v2_x1_0); a bare name is timm's."""
+    source, _, model = name.rpartition("/")
+    if source in _SOURCES:
+        return source, model
+    return "timm", name  # hub names such as `hf-hub:org/model` go to timm whole
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a model expects of its input: the normalisation it was trained with and its native side."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    img_size: int
+
+
+@register_source("timm")
+def _timm_model(name, num_classes, pretrained, drop_rate, drop_path_rate):
+    kwargs = {"drop_rate": drop_rate}
+    if drop_path_rate:
+        kwargs["drop_path_rate"] = drop_path_rate
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    return timm.create_model(name, pretrained=pretrained, **kwargs)
+
+
+class _DropoutLinear(nn.Linear):
+    """A classifier with dropout on its input that keeps `nn.Linear`'s state-dict keys, so the weights still
+    load into the library's own model strictly."""
+
+    def __init__(self, linear: nn.Linear, p: float):
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        self.load_state_dict(linear.state_dict())
+        self.p = p
+
+    def forward(self, x):
+        return super().forward(F.dropout(x, self.p, self.training))
+
+
+@register_source("torchvision")
+def _torchvision_model(name, num_classes, pretrained, drop_rate, drop_path_rate):
+    import torchvision
+
+    if drop_path_rate:
+        raise ValueError(f"torchvision/{name} has no stochastic depth; set student.drop_path_rate=0")
+    model = torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None)
+    if num_classes is not None and model.fc.out_features != num_classes:
+        model.fc = nn.Linear(model.fc.in_features, num_classes)
+    if drop_rate:
+        model.fc = _DropoutLinear(model.fc, drop_rate)
+    model.pretrained_cfg = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "input_size": (3, 224, 224)}
+    return model
+
+
+def create_model(
+    name: str,
+    num_classes: Optional[int] = None,
+    pretrained: bool = False,
+    drop_rate: float = 0.0,
+    drop_path_rate: float = 0.0,
+    checkpoint: Optional[str] = None,
+) -> nn.Module:
+    """Build a classifier; `checkpoint` (a run checkpoint, state dict or exported folder) is loaded strictly."""
+    source, model_name = split_name(name)
+    try:
+        model = _SOURCES[source](model_name, num_classes, pretrained, drop_rate, drop_path_rate)
+    except RuntimeError as e:
+        if "Unknown model" in str(e) or "Unknown model" in repr(e):
+            raise ValueError(f"unknown model {name!r} (timm.list_models() lists timm's)") from None
+        raise
+    if checkpoint:
+        load_state_strict(model, read_state_dict(checkpoint), source=f"checkpoint {checkpoint}")
+    return model
+
+
+def read_state_dict(path: str | Path, prefer: str = "ema") -> dict:
+    """The weights in a run checkpoint (`ema` or `student`), a plain state dict, a safetensors file, or an
+    exported folder holding `model.safetensors`."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    obj = load_checkpoint(path)
+    if isinstance(obj, dict) and ("student" in obj or "ema" in obj):
+        other = "student" if prefer == "ema" else "ema"
+        state = obj.get(prefer) or obj.get(other)
+        return state
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        return obj["model"]
+    if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    raise CheckpointMismatch(f"{path} holds no state dict (keys: {sorted(obj)[:10] if isinstance(obj, dict) else type(obj)})")
+
+
+def input_spec(model: nn.Module) -> InputSpec:
+    cfg = timm.data.resolve_data_config({}, model=model)
+    return InputSpec(tuple(cfg["mean"]), tuple(cfg["std"]), int(cfg["input_size"][-1]))
+
+
+def num_outputs(model: nn.Module) -> int:
+    """The class count of a classifier's head."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else getattr(model, "fc", None)
+    if isinstance(head, nn.Linear):
+        return head.out_features
+    if hasattr(model, "num_classes"):
+        return int(model.num_classes)
+    raise ValueError(f"cannot tell the class count of {type(model).__name__}")
