@@ -240,13 +240,16 @@ def save_config(cfg: DictConfig, path: Path) -> None:
     atomic_write_text(Path(path), OmegaConf.to_yaml(cfg))
 
 
-def exit_on_config_error(fn):
-    """Decorator for entry points: a ConfigError prints one clear line instead of a traceback."""
+def exit_on_user_error(fn):
+    """Decorator for entry points: a mistake in the recipe, a missing file, a checkpoint that does not fit or
+    a run stopped by non-finite losses prints one clear message (exit status 2), not a deep traceback."""
+    from distill.engine.checkpoint import CheckpointMismatch
+    from distill.losses import NonFiniteLoss
 
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except ConfigError as e:
+        except (ConfigError, CheckpointMismatch, FileNotFoundError, NonFiniteLoss) as e:
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from distill.config import exit_on_config_error, load_pretrain_config, save_config
+from distill.config import exit_on_user_error, load_pretrain_config, save_config
 from distill.data.loader import build_eval_loader, build_train_loader
 from distill.data.mix import DataMix
 from distill.data.mixup import mixup_batch
@@ -29,15 +29,11 @@ from distill.engine.optim import build_optimizer, warmup_cosine
 from distill.engine.rng import seed_everything
 from distill.engine.state import Progress, load_pretrain_checkpoint, save_pretrain_checkpoint
 from distill.engine.teacher_fit import fit_supervised
-from distill.losses import dense_from_topk, distillation_loss, soften
+from distill.losses import NonFiniteLoss, dense_from_topk, distillation_loss, soften
 from distill.models.factory import create_model, input_spec, num_outputs
 from distill.models.teacher import InputAdapter, create_teacher
 
 logger = logging.getLogger("distill")
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
 
 
 def update_is_finite(accelerator, loss, grad_norm) -> bool:
@@ -106,7 +102,7 @@ def plan_steps(cfg, mix: DataMix, world_size: int) -> tuple[int, int, int]:
     return total, global_batch, min(int(warmup), total)
 
 
-@exit_on_config_error
+@exit_on_user_error
 def main(argv=None) -> dict:
     cfg = load_pretrain_config(sys.argv[1:] if argv is None else argv)
     out = Path(cfg.output_dir)
@@ -227,6 +223,7 @@ def main(argv=None) -> dict:
     bar.close()
 
     # ---- evaluate and summarise -------------------------------------------------------------------
+    checksums = weight_checksums(accelerator, student)
     results = evaluate(cfg, accelerator, student, student_input, ema, teacher)
     accelerator.log(results, step=progress.step)
     summary = {
@@ -240,12 +237,24 @@ def main(argv=None) -> dict:
         "skipped_samples": progress.skipped_samples,
         "bad_steps": progress.bad_steps,
         "source_counts": dict(zip(mix.source_names, progress.source_counts)),
+        "process_weight_checksums": checksums,
     }
     if accelerator.is_main_process:
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
         logger.info("summary: %s", json.dumps({k: summary[k] for k in ("steps", "teacher_top1", "student_top1", "student_ema_top1")}))
     accelerator.end_training()
     return summary
+
+
+def weight_checksums(accelerator, student) -> list[float]:
+    """One number per process summarising its student weights; DDP keeps them equal, and a run whose
+    processes drifted apart says so rather than saving one process's weights as the result."""
+    with torch.no_grad():
+        local = sum(p.double().sum() + (p.double() ** 2).sum() for p in accelerator.unwrap_model(student).parameters())
+    sums = accelerator.gather(local.reshape(1)).tolist()
+    if max(sums) - min(sums) > 1e-6 * max(1.0, abs(max(sums))):
+        logger.warning("student weights differ across processes: %s", sums)
+    return sums
 
 
 def evaluate(cfg, accelerator, student, student_input, ema, teacher) -> dict:

@@ -1,0 +1,167 @@
+"""End-to-end pretraining runs on generated data, as a user launches them (subprocesses)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill.data.synthetic import generate_classification
+from distill.engine.checkpoint import atomic_save, list_checkpoints
+from distill.models.factory import create_model
+
+ROOT = Path(__file__).resolve().parent.parent
+PRETRAIN = str(ROOT / "distill" / "pretrain.py")
+NUM_CLASSES = 6
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """Generated shards, a two-source mix over them and a base recipe, shared by every run here."""
+    root = tmp_path_factory.mktemp("pretrain")
+    generate_classification(root / "shapes", num_classes=NUM_CLASSES, train_per_class=120, val_per_class=40,
+                            img_size=32, seed=0, shard_size=60)
+    (root / "mix.yaml").write_text(
+        "sources:\n"
+        "  strong: {shards: shapes/train, augment: {name: inception_randaug, num_ops: 2, magnitude: 9}, weight: 1}\n"
+        "  mixed: {shards: shapes/train, augment: {name: inception}, mixup: true, weight: 1}\n"
+    )
+    (root / "base.yaml").write_text(
+        f"""
+student: {{name: test_resnet, num_classes: {NUM_CLASSES}}}
+teacher: {{name: test_resnet, pretrained: false, fit_steps: 0}}
+data: {{mix: {root / 'mix.yaml'}, root: {root}, img_size: 32, batch_size: 16, num_workers: 1,
+        val_shards: shapes/val, val_batch_size: 120}}
+optim: {{lr: 0.003, weight_decay: 0.01, warmup_steps: 5, clip_grad: 5.0}}
+train: {{steps: 20, log_every: 5, ckpt_every: 10, ema_decay: 0.9, trackers: [jsonl]}}
+"""
+    )
+    return root
+
+
+def run(world, out: Path, *args: str, launcher=(sys.executable,), check=True, **popen):
+    cmd = [*launcher, PRETRAIN, f"recipe={world / 'base.yaml'}", f"output_dir={out}", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if popen:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def teacher_ckpt(world, tmp_path_factory):
+    """A teacher trained on the labels by the pipeline's own `teacher.fit_steps` path."""
+    out = tmp_path_factory.mktemp("teacher_run")
+    run(world, out, "teacher.fit_steps=300", "train.steps=1")
+    assert (out / "teacher.pt").exists()
+    return out / "teacher.pt"
+
+
+@pytest.mark.slow
+def test_distillation_learns_and_beats_labels_alone(world, teacher_ckpt, tmp_path):
+    budget = ["train.steps=150", f"teacher.checkpoint={teacher_ckpt}", "student.name=mobilenetv4_conv_small_035"]
+    distilled = summary(run(world, tmp_path / "kd", *budget) and tmp_path / "kd")
+    labels_only = summary(
+        run(world, tmp_path / "ce", *budget, "loss.kd_weight=0", "loss.ce_weight=1") and tmp_path / "ce"
+    )
+    teacher_top1 = distilled["teacher_top1"]
+    assert teacher_top1 > 100 / NUM_CLASSES * 2, distilled  # the teacher really learned
+    best = max(distilled["student_top1"], distilled["student_ema_top1"])
+    assert best >= 0.9 * teacher_top1, distilled
+    assert best > max(labels_only["student_top1"], labels_only["student_ema_top1"]), (distilled, labels_only)
+
+
+def test_run_writes_its_folder_and_follows_the_mix(world, teacher_ckpt, tmp_path):
+    out = tmp_path / "run"
+    run(world, out, f"teacher.checkpoint={teacher_ckpt}")
+    s = summary(out)
+    for key in ("recipe", "steps", "teacher_top1", "student_top1", "student_ema_top1"):
+        assert key in s
+    assert s["steps"] == 20 and s["samples"] == 20 * 16
+    assert (out / "config.yaml").exists()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    shares = [r["share/strong"] for r in records if "share/strong" in r]
+    assert shares and 0.2 < shares[-1] < 0.8
+    assert sum(s["source_counts"].values()) == 20 * 16
+    assert [p.name for p in list_checkpoints(out)] == ["ckpt-00000010.pt", "ckpt-00000020.pt"]
+
+
+def test_kill_and_resume_finishes_with_the_same_steps(world, teacher_ckpt, tmp_path):
+    out = tmp_path / "killed"
+    args = [f"teacher.checkpoint={teacher_ckpt}", "train.steps=40", "train.ckpt_every=10", "train.keep_ckpts=5"]
+    proc = run(world, out, *args, popen=True)
+    deadline = time.time() + 600
+    while not list_checkpoints(out) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert list_checkpoints(out), "no checkpoint appeared"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "summary.json").exists()
+    last = int(list_checkpoints(out)[-1].stem.split("-")[1])
+    assert last < 40
+    resumed = run(world, out, *args, "resume=auto")
+    assert f"resumed from" in resumed.stdout + resumed.stderr
+    s = summary(out)
+    assert s["steps"] == 40 and s["samples"] == 40 * 16
+    ckpt = torch.load(list_checkpoints(out)[-1], weights_only=False)
+    assert ckpt["progress"]["step"] == 40
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_gloo_stay_in_sync(world, teacher_ckpt, tmp_path):
+    out = tmp_path / "ddp"
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(_free_port()))
+    run(world, out, f"teacher.checkpoint={teacher_ckpt}", "train.steps=10", "data.batch_size=8",
+        launcher=launcher)
+    s = summary(out)
+    assert len(s["process_weight_checksums"]) == 2
+    assert s["process_weight_checksums"][0] == pytest.approx(s["process_weight_checksums"][1], rel=1e-9)
+    assert s["samples"] == 10 * 8 * 2 and sum(s["source_counts"].values()) == 10 * 8 * 2
+
+
+def test_class_count_mismatch_is_refused(world, tmp_path):
+    m = create_model("test_resnet", num_classes=NUM_CLASSES + 3)
+    atomic_save({"model": m.state_dict()}, tmp_path / "t.pt")
+    proc = run(world, tmp_path / "x", f"teacher.checkpoint={tmp_path / 't.pt'}", check=False)
+    assert proc.returncode != 0
+    assert "fc.weight" in proc.stderr and "t.pt" in proc.stderr
+
+
+def test_missing_shards_and_bad_keys_fail_before_work(world, tmp_path):
+    proc = run(world, tmp_path / "x", "optim.lrr=1", check=False)
+    assert proc.returncode == 2 and "optim.lrr" in proc.stderr and "warmup_epochs" in proc.stderr
+    (tmp_path / "mix.yaml").write_text("sources:\n  a: {shards: nowhere/shard-{000..003}.tar, augment: {name: flip}, weight: 1}\n")
+    proc = run(world, tmp_path / "y", f"data.mix={tmp_path / 'mix.yaml'}", check=False)
+    assert proc.returncode != 0 and "nowhere" in proc.stderr
+    assert not list_checkpoints(tmp_path / "y")
+
+
+def test_non_finite_losses_are_skipped_counted_then_stop_the_run(world, teacher_ckpt, tmp_path):
+    # an absurd learning rate blows the weights up after the first update: every later loss is non-finite
+    explode = [f"teacher.checkpoint={teacher_ckpt}", "optim.lr=1e30", "optim.warmup_steps=0", "train.steps=6"]
+    run(world, tmp_path / "counted", *explode, "train.max_bad_steps=100")
+    s = summary(tmp_path / "counted")
+    assert s["steps"] == 6 and s["bad_steps"] >= 4
+    proc = run(world, tmp_path / "stopped", *explode, "train.max_bad_steps=3", check=False)
+    assert proc.returncode == 2
+    assert "non-finite" in proc.stderr and "max_bad_steps=3" in proc.stderr
