@@ -70,6 +70,7 @@ class DataConfig:
     val_batch_size: int = 256
     val_crop_pct: float = 0.875
     samples_per_epoch: Optional[int] = None  # default: the mix's first source size from its manifest
+    record_keys: bool = False  # audit: each process writes the (source, key) of every sample it trains on
 
 
 @dataclass

@@ -144,7 +144,9 @@ def main(argv=None) -> dict:
     loader = build_train_loader(
         mix, cfg.data.img_size, cfg.data.batch_size, cfg.data.num_workers, cfg.train.seed,
         total_samples=total_steps * global_batch, start_sample=progress.samples, rank=rank, world_size=world,
+        with_keys=cfg.data.record_keys, soft_labels=offline,
     )
+    key_log = (out / f"keys-rank{rank}.tsv").open("a") if cfg.data.record_keys else None
     mixup_sources = torch.tensor(mix.mixup_flags, device=device)
     accelerator.init_trackers("pretrain")
 
@@ -162,6 +164,8 @@ def main(argv=None) -> dict:
             sources = batch["source"].to(device, non_blocking=True)
             source_counts += torch.bincount(sources, minlength=len(source_counts))
             skipped += batch["skipped"].to(device).sum()
+            if key_log:
+                key_log.writelines(f"{mix.source_names[s]}\t{k}\n" for s, k in zip(batch["source"].tolist(), batch["key"]))
             images, partner, lam = mixup_batch(images, mixup_sources[sources])
             if cfg.student.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
