@@ -1,0 +1,100 @@
+"""RT-DETR's training loss: varifocal loss on IoU-aware scores (weight 1), L1 (5) and GIoU (2) on boxes,
+for the last decoder layer, each auxiliary layer, the encoder's top-K proposals and the denoising groups.
+
+Predictions are matched to targets by the Hungarian matcher, except denoising queries, whose targets are
+known by construction. Losses are normalised by the number of target boxes averaged over processes (at
+least 1), so a process, or a whole batch, without any box still gives finite losses that touch every head.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from distill.detection.box_ops import cxcywh_to_xyxy, elementwise_box_iou, generalized_box_iou_loss
+from distill.detection.matcher import HungarianMatcher
+
+DEFAULT_WEIGHTS = {"vfl": 1.0, "bbox": 5.0, "giou": 2.0}
+
+
+def average_box_count(targets: list[dict], device: torch.device) -> torch.Tensor:
+    count = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(count)
+        count = count / dist.get_world_size()
+    return count.clamp(min=1.0)
+
+
+class RTDETRCriterion(nn.Module):
+    def __init__(self, num_classes: int, matcher: Optional[HungarianMatcher] = None,
+                 weights: Optional[dict[str, float]] = None, alpha: float = 0.75, gamma: float = 2.0):
+        super().__init__()
+        self.num_classes = num_classes
+        self.matcher = matcher or HungarianMatcher()
+        self.weights = {**DEFAULT_WEIGHTS, **(weights or {})}
+        self.alpha, self.gamma = alpha, gamma
+
+    def varifocal(self, logits, boxes, targets, indices, num_boxes) -> torch.Tensor:
+        """BCE towards an IoU-valued target on the matched class; negatives weighted by alpha · p^gamma."""
+        logits = logits.float()
+        batch_idx, query_idx, matched_boxes, matched_labels = _gather(targets, indices, logits.device)
+        target = torch.zeros_like(logits)
+        if len(query_idx):
+            iou = elementwise_box_iou(cxcywh_to_xyxy(boxes[batch_idx, query_idx].detach()),
+                                      cxcywh_to_xyxy(matched_boxes)).to(logits.dtype)
+            target[batch_idx, query_idx, matched_labels] = iou
+        is_positive = torch.zeros_like(logits)
+        is_positive[batch_idx, query_idx, matched_labels] = 1.0
+        weight = self.alpha * logits.detach().sigmoid().pow(self.gamma) * (1 - is_positive) + target
+        loss = F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="none")
+        return loss.sum() / num_boxes
+
+    def box_losses(self, boxes, targets, indices, num_boxes) -> tuple[torch.Tensor, torch.Tensor]:
+        batch_idx, query_idx, matched_boxes, _ = _gather(targets, indices, boxes.device)
+        predicted = boxes[batch_idx, query_idx].float()
+        l1 = F.l1_loss(predicted, matched_boxes, reduction="none").sum() / num_boxes
+        giou = generalized_box_iou_loss(cxcywh_to_xyxy(predicted), cxcywh_to_xyxy(matched_boxes), reduction="sum")
+        return l1, giou / num_boxes
+
+    def single(self, output: dict, targets, indices, num_boxes, suffix: str) -> dict[str, torch.Tensor]:
+        logits, boxes = output["pred_logits"], output["pred_boxes"]
+        l1, giou = self.box_losses(boxes, targets, indices, num_boxes)
+        losses = {"vfl": self.varifocal(logits, boxes, targets, indices, num_boxes), "bbox": l1, "giou": giou}
+        return {f"loss_{k}{suffix}": self.weights[k] * v for k, v in losses.items()}
+
+    def forward(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
+        """Weighted losses by name (`loss_vfl`, `loss_bbox_aux_0`, `loss_giou_enc_0`, `loss_vfl_dn_2`, ...);
+        their sum is the total."""
+        num_boxes = average_box_count(targets, outputs["pred_logits"].device)
+        losses = {}
+        for suffix, output in _matched_outputs(outputs):
+            losses.update(self.single(output, targets, self.matcher(output, targets), num_boxes, suffix))
+        if "dn_outputs" in outputs:
+            meta = outputs["dn_meta"]
+            counts = [len(t["labels"]) for t in targets]
+            # positives are laid out group by group, each group in target order
+            indices = [(idx.cpu(), torch.arange(n).repeat(meta["groups"]))
+                       for idx, n in zip(meta["positive_idx"], counts)]
+            for i, output in enumerate(outputs["dn_outputs"]):
+                losses.update(self.single(output, targets, indices, num_boxes * meta["groups"], f"_dn_{i}"))
+        return losses
+
+
+def _matched_outputs(outputs: dict):
+    yield "", outputs
+    for i, aux in enumerate(outputs.get("aux_outputs", [])):
+        yield f"_aux_{i}", aux
+    for i, enc in enumerate(outputs.get("enc_outputs", [])):
+        yield f"_enc_{i}", enc
+
+
+def _gather(targets, indices, device):
+    """Flattened (image index, query index, target box, target label) of all matched pairs."""
+    batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)]).to(device)
+    query_idx = torch.cat([src for src, _ in indices]).to(device)
+    boxes = torch.cat([t["boxes"].reshape(-1, 4)[tgt.to(t["boxes"].device)] for t, (_, tgt) in zip(targets, indices)])
+    labels = torch.cat([t["labels"][tgt.to(t["labels"].device)] for t, (_, tgt) in zip(targets, indices)])
+    return batch_idx, query_idx, boxes.to(device).float(), labels.to(device)

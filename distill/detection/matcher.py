@@ -1,0 +1,47 @@
+"""One-to-one matching of predictions to targets (Hungarian, via scipy's linear_sum_assignment).
+
+Cost = 2 · focal-style class cost (alpha 0.25, gamma 2) + 5 · L1 on cxcywh boxes + 2 · (−GIoU).
+"""
+from __future__ import annotations
+
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+
+from distill.detection.box_ops import cxcywh_to_xyxy, generalized_box_iou
+
+
+class HungarianMatcher(nn.Module):
+    def __init__(self, cost_class: float = 2.0, cost_bbox: float = 5.0, cost_giou: float = 2.0,
+                 alpha: float = 0.25, gamma: float = 2.0):
+        super().__init__()
+        self.cost_class, self.cost_bbox, self.cost_giou = cost_class, cost_bbox, cost_giou
+        self.alpha, self.gamma = alpha, gamma
+
+    @torch.no_grad()
+    def cost_matrix(self, logits: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor,
+                    target_boxes: torch.Tensor) -> torch.Tensor:
+        """(M, K) cost of predictions (M, C) logits / (M, 4) boxes against K targets."""
+        prob = logits.float().sigmoid()[:, labels]
+        positive = self.alpha * (1 - prob) ** self.gamma * -(prob + 1e-8).log()
+        negative = (1 - self.alpha) * prob ** self.gamma * -(1 - prob + 1e-8).log()
+        l1 = torch.cdist(boxes.float(), target_boxes.float(), p=1)
+        giou = generalized_box_iou(cxcywh_to_xyxy(boxes.float()), cxcywh_to_xyxy(target_boxes.float()))
+        return self.cost_class * (positive - negative) + self.cost_bbox * l1 - self.cost_giou * giou
+
+    @torch.no_grad()
+    def forward(self, outputs: dict, targets: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per image (prediction indices, target indices), both LongTensors on CPU, sorted by prediction."""
+        b, q = outputs["pred_logits"].shape[:2]
+        labels = torch.cat([t["labels"] for t in targets]).to(outputs["pred_logits"].device)
+        target_boxes = torch.cat([t["boxes"] for t in targets]).to(outputs["pred_boxes"].device)
+        if len(labels) == 0:
+            empty = torch.zeros(0, dtype=torch.long)
+            return [(empty, empty) for _ in targets]
+        cost = self.cost_matrix(outputs["pred_logits"].flatten(0, 1), outputs["pred_boxes"].flatten(0, 1),
+                                labels, target_boxes).view(b, q, -1).cpu()
+        indices = []
+        for i, block in enumerate(cost.split([len(t["labels"]) for t in targets], dim=-1)):
+            rows, cols = linear_sum_assignment(block[i].numpy())
+            indices.append((torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)))
+        return indices

@@ -1,0 +1,117 @@
+"""RT-DETR (v2 style) around any backbone from `distill.models.features`: backbone → hybrid encoder →
+decoder. Build it from an `RTDETRConfig`; presets name the neck/decoder sizes:
+
+- `v2_s`: RT-DETRv2-S (the R18 size): width 256, expansion 0.5, three CSP units, 3 decoder layers, FFN 1024;
+- `light`: the D-FINE-N / DEIMv2-tiny style neck: width 128, two levels (strides 16, 32), expansion 0.34,
+  depth 0.5, FFN 512, 6 sampling points per level. With light backbones the encoder dominates the compute.
+
+    model = build_rtdetr(rtdetr_config("mobilenetv4_conv_small", num_classes=80, preset="v2_s"))
+    outputs = model(images, targets)        # training: also aux / encoder / denoising outputs
+    losses = RTDETRCriterion(80)(outputs, targets)
+    detections = PostProcessor(300)(model.eval()(images), orig_sizes)
+
+Images are normalised with the backbone's mean/std (`model.mean`, `model.std`); sides must be multiples of
+the largest stride. Targets are `{"labels": (N,), "boxes": (N, 4) cxcywh in 0..1}` per image.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from distill.detection.blocks import RepVGGUnit
+from distill.detection.criterion import RTDETRCriterion
+from distill.detection.decoder import RTDETRDecoder
+from distill.detection.hybrid_encoder import HybridEncoder
+from distill.detection.matcher import HungarianMatcher
+from distill.detection.postprocess import PostProcessor
+from distill.models.factory import input_spec
+from distill.models.features import create_feature_extractor
+
+__all__ = ["RTDETRConfig", "PRESETS", "rtdetr_config", "build_rtdetr", "RTDETR", "RTDETRCriterion",
+           "HungarianMatcher", "PostProcessor"]
+
+
+@dataclass
+class RTDETRConfig:
+    backbone: str
+    backbone_checkpoint: Optional[str] = None
+    pretrained_backbone: bool = False
+    num_classes: int = 80
+    hidden_dim: int = 256
+    expansion: float = 0.5
+    num_queries: int = 300
+    num_decoder_layers: int = 3
+    num_heads: int = 8
+    num_points: int = 4
+    dim_feedforward: int = 1024  # encoder attention and decoder FFN width
+    fusion_block: str = "csp_repvgg"
+    downsample: str = "conv"
+    encoder_attention: str = "aifi"
+    num_denoising: int = 100
+    label_noise_ratio: float = 0.5
+    box_noise_scale: float = 1.0
+    eval_spatial_size: Optional[tuple[int, int]] = None  # (h, w): fixed anchors for export
+    out_strides: tuple[int, ...] = (8, 16, 32)
+    depth_mult: float = 1.0  # CSP units per fusion block = round(3 · depth_mult)
+    dropout: float = 0.0
+
+
+PRESETS: dict[str, dict] = {
+    "v2_s": {},
+    "light": dict(hidden_dim=128, expansion=0.34, depth_mult=0.5, dim_feedforward=512, out_strides=(16, 32),
+                  num_points=6),
+}
+
+
+def rtdetr_config(backbone: str, num_classes: int, preset: str = "v2_s", **overrides) -> RTDETRConfig:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown RT-DETR preset {preset!r}; valid: {sorted(PRESETS)}")
+    valid = {f.name for f in fields(RTDETRConfig)}
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise ValueError(f"unknown RT-DETR config keys {unknown}; valid: {sorted(valid)}")
+    return RTDETRConfig(backbone=backbone, num_classes=num_classes, **{**PRESETS[preset], **overrides})
+
+
+class RTDETR(nn.Module):
+    def __init__(self, cfg: RTDETRConfig, backbone: nn.Module, encoder: HybridEncoder, decoder: RTDETRDecoder):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone, self.encoder, self.decoder = backbone, encoder, decoder
+        self.max_stride = max(backbone.strides)
+        spec = input_spec(backbone)
+        self.mean, self.std = spec.mean, spec.std
+
+    def forward(self, images: torch.Tensor, targets: Optional[list[dict]] = None) -> dict:
+        h, w = images.shape[-2:]
+        if h % self.max_stride or w % self.max_stride:
+            raise ValueError(f"image size {h}x{w} is not a multiple of the largest stride {self.max_stride}")
+        return self.decoder(self.encoder(self.backbone(images)), targets)
+
+    def reparameterize(self) -> "RTDETR":
+        """Fold the RepVGG units' two branches into one conv each (inference only; outputs unchanged)."""
+        for module in self.modules():
+            if isinstance(module, RepVGGUnit) and module.fused is None:
+                module.reparameterize()
+        return self
+
+
+def _pair(size: Optional[int | Sequence[int]]) -> Optional[tuple[int, int]]:
+    if size is None:
+        return None
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def build_rtdetr(cfg: RTDETRConfig) -> RTDETR:
+    backbone = create_feature_extractor(cfg.backbone, cfg.pretrained_backbone, cfg.backbone_checkpoint,
+                                        tuple(cfg.out_strides))
+    encoder = HybridEncoder(backbone.channels, cfg.hidden_dim, cfg.expansion, cfg.depth_mult, cfg.fusion_block,
+                            cfg.downsample, cfg.encoder_attention, cfg.num_heads, cfg.dim_feedforward, cfg.dropout)
+    decoder = RTDETRDecoder(
+        cfg.num_classes, [cfg.hidden_dim] * len(backbone.channels), backbone.strides, cfg.hidden_dim,
+        cfg.num_queries, cfg.num_decoder_layers, cfg.num_heads, cfg.num_points, cfg.dim_feedforward, cfg.dropout,
+        cfg.num_denoising, cfg.label_noise_ratio, cfg.box_noise_scale, _pair(cfg.eval_spatial_size))
+    return RTDETR(replace(cfg, eval_spatial_size=_pair(cfg.eval_spatial_size)), backbone, encoder, decoder)
