@@ -1,0 +1,275 @@
+"""COCO-format detection data: an images folder and an instances JSON → (uint8 image, target) samples.
+
+Category ids become contiguous labels 0..C-1 in sorted id order; `category_ids[label]` maps a label back
+to the JSON's id for evaluation. A target's boxes are cxcywh normalised to the transformed image, the
+form the detector predicts.
+
+Training batches come from `DetectionBatchSampler`, which decides from the batch index alone which images,
+which input side (multi-scale: one side per batch) and whether the strong augmentations are still on, so a
+resumed run draws exactly the batches it would have drawn. Workers resize; images stay uint8 until
+`to_model_input` normalises them on the device, a whole batch at once.
+
+An image that cannot be decoded is skipped and its file name reported in the batch's `skipped` list; in
+training the next image takes its place so every process keeps the same batch size.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from functools import lru_cache
+from pathlib import Path
+from typing import NamedTuple, Optional, Sequence
+
+import albumentations as A
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+logger = logging.getLogger("distill")
+
+
+class SampleRequest(NamedTuple):
+    """What the batch sampler asks of the dataset for one image."""
+
+    index: int
+    size: int  # square input side in pixels (a multiple of 32)
+    strong: bool = False  # photometric distortion, zoom-out and safe crop on top of flip + resize
+    seed: Optional[int] = None  # the augmentation's random draws; set, a resumed run repeats them exactly
+
+
+class CocoFormatError(ValueError):
+    """An instances JSON that does not follow the COCO format."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Transforms
+# --------------------------------------------------------------------------------------------------
+
+_BBOX_PARAMS = dict(format="coco", label_fields=["labels"], min_width=1, min_height=1, clip=True,
+                    filter_invalid_bboxes=True)
+
+
+@lru_cache(maxsize=64)
+def detection_transform(size: int, train: bool, strong: bool) -> A.Compose:
+    """RT-DETRv2's pipeline in albumentations: photometric distortion, zoom-out onto a canvas up to 4x the
+    side, a crop that keeps every box, horizontal flip, then a square resize (no aspect-ratio keeping,
+    as the reference). Evaluation only resizes."""
+    ops: list = []
+    if train and strong:
+        ops += [
+            A.ColorJitter(brightness=0.125, contrast=0.5, saturation=0.5, hue=0.05, p=0.5),
+            # padding of 0..150% of the side on each edge ≈ a zoom-out with a ratio of 1..4
+            A.CropAndPad(percent=(0.0, 1.5), keep_size=False, sample_independently=True, fill=0, p=0.5),
+            A.BBoxSafeRandomCrop(erosion_rate=0.0, p=0.8),
+        ]
+    if train:
+        ops.append(A.HorizontalFlip(p=0.5))
+    ops.append(A.Resize(size, size))
+    return A.Compose(ops, bbox_params=A.BboxParams(**_BBOX_PARAMS))
+
+
+# --------------------------------------------------------------------------------------------------
+# The dataset
+# --------------------------------------------------------------------------------------------------
+
+
+class CocoDetection(Dataset):
+    """Images of one COCO instances file. `train` turns on augmentation and the replacement of
+    undecodable images; the item is a `SampleRequest` (or a plain index: `img_size`, no strong aug)."""
+
+    def __init__(self, image_dir: str | Path, ann_file: str | Path, train: bool = False, img_size: int = 640):
+        self.image_dir = Path(image_dir)
+        self.ann_file = Path(ann_file)
+        self.train = train
+        self.img_size = img_size
+        if not self.ann_file.is_file():
+            raise FileNotFoundError(f"annotation file {self.ann_file} does not exist")
+        if not self.image_dir.is_dir():
+            raise FileNotFoundError(f"image folder {self.image_dir} does not exist (annotations: {self.ann_file})")
+        try:
+            coco = json.loads(self.ann_file.read_text())
+        except json.JSONDecodeError as e:
+            raise CocoFormatError(f"{self.ann_file}: not valid JSON: {e}") from None
+        for key in ("images", "annotations", "categories"):
+            if key not in coco:
+                raise CocoFormatError(f"{self.ann_file}: no {key!r} list (keys present: {sorted(coco)})")
+
+        categories = sorted(coco["categories"], key=lambda c: c["id"])
+        self.category_ids: list[int] = [c["id"] for c in categories]
+        self.class_names: list[str] = [c.get("name", str(c["id"])) for c in categories]
+        self.label_of: dict[int, int] = {cid: i for i, cid in enumerate(self.category_ids)}
+        self.images: list[dict] = sorted(coco["images"], key=lambda im: im["id"])
+        known_images = {im["id"] for im in self.images}
+
+        boxes, labels = defaultdict(list), defaultdict(list)
+        for ann in coco["annotations"]:
+            where = f"{self.ann_file}: annotation {ann.get('id', '?')}"
+            if ann.get("category_id") not in self.label_of:
+                raise CocoFormatError(f"{where}: category_id {ann.get('category_id')} is not in 'categories' "
+                                      f"({self.category_ids})")
+            if ann.get("image_id") not in known_images:
+                raise CocoFormatError(f"{where}: image_id {ann.get('image_id')} is not in 'images'")
+            bbox = ann.get("bbox")
+            if not (isinstance(bbox, list) and len(bbox) == 4):
+                raise CocoFormatError(f"{where}: bbox must be [x, y, width, height], got {bbox!r}")
+            if ann.get("iscrowd", 0):
+                continue  # crowd regions are ignored by the evaluation, not learnt
+            boxes[ann["image_id"]].append(bbox)
+            labels[ann["image_id"]].append(self.label_of[ann["category_id"]])
+        self._boxes = {k: np.asarray(v, dtype=np.float32).reshape(-1, 4) for k, v in boxes.items()}
+        self._labels = {k: np.asarray(v, dtype=np.int64) for k, v in labels.items()}
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.category_ids)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def image_path(self, index: int) -> Path:
+        return self.image_dir / self.images[index]["file_name"]
+
+    def read_image(self, index: int) -> np.ndarray:
+        with Image.open(self.image_path(index)) as img:
+            return np.array(img.convert("RGB"))
+
+    def annotations(self, index: int, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+        """Boxes (xywh, clipped to the image, degenerate ones dropped) and labels of one image."""
+        image_id = self.images[index]["id"]
+        boxes = self._boxes.get(image_id, np.zeros((0, 4), np.float32)).copy()
+        labels = self._labels.get(image_id, np.zeros((0,), np.int64))
+        x0 = boxes[:, 0].clip(0, width)
+        y0 = boxes[:, 1].clip(0, height)
+        x1 = (boxes[:, 0] + boxes[:, 2]).clip(0, width)
+        y1 = (boxes[:, 1] + boxes[:, 3]).clip(0, height)
+        keep = (x1 - x0 >= 1) & (y1 - y0 >= 1)
+        return np.stack([x0, y0, x1 - x0, y1 - y0], 1)[keep], labels[keep]
+
+    def __getitem__(self, request: SampleRequest | int) -> dict:
+        if not isinstance(request, SampleRequest):
+            request = SampleRequest(int(request), self.img_size, False)
+        skipped = []
+        index = request.index
+        # in training a corrupt image is replaced by the next one; elsewhere it is left out
+        for _ in range(len(self) if self.train else 1):
+            try:
+                image = self.read_image(index)
+                break
+            except Exception as e:  # truncated, unreadable or missing files
+                name = self.images[index]["file_name"]
+                logger.warning("skipping image %s: %s: %s", self.image_dir / name, type(e).__name__, e)
+                skipped.append(name)
+                index = (index + 1) % len(self)
+        else:
+            return {"image": None, "target": None, "skipped": skipped}
+
+        height, width = image.shape[:2]
+        boxes, labels = self.annotations(index, width, height)
+        transform = detection_transform(request.size, self.train, request.strong)
+        if request.seed is not None:
+            transform.set_random_seed(request.seed)
+        out = transform(image=image, bboxes=boxes, labels=labels)
+        side_h, side_w = out["image"].shape[:2]
+        boxes = torch.as_tensor(np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4))
+        boxes = torch.cat([boxes[:, :2] + boxes[:, 2:] / 2, boxes[:, 2:]], 1)  # xywh → cxcywh
+        boxes /= torch.tensor([side_w, side_h, side_w, side_h], dtype=torch.float32)
+        target = {
+            "labels": torch.as_tensor(np.asarray(out["labels"], dtype=np.int64).reshape(-1)),
+            "boxes": boxes,
+            "image_id": int(self.images[index]["id"]),
+            "orig_size": torch.tensor([width, height]),  # (w, h), what the post-processor scales to
+        }
+        return {"image": torch.from_numpy(out["image"]).permute(2, 0, 1).contiguous(), "target": target,
+                "skipped": skipped}
+
+
+def collate_detection(items: Sequence[dict]) -> dict:
+    """Stack same-sized uint8 images; targets stay a list; skipped file names travel along."""
+    skipped = [name for item in items for name in item["skipped"]]
+    kept = [item for item in items if item["image"] is not None]
+    images = torch.stack([item["image"] for item in kept]) if kept else torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
+    return {"images": images, "targets": [item["target"] for item in kept], "skipped": skipped}
+
+
+def to_model_input(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (B,3,H,W) on the device → float, normalised with the backbone's statistics."""
+    mean_t = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, 3, 1, 1) * 255
+    std_t = torch.tensor(std, device=images.device, dtype=torch.float32).view(1, 3, 1, 1) * 255
+    return (images.float() - mean_t) / std_t
+
+
+def targets_to(targets: list[dict], device: torch.device) -> list[dict]:
+    return [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------------------------------
+
+
+class DetectionBatchSampler(Sampler[list[SampleRequest]]):
+    """Batches `start_batch .. total_batches-1` of a seeded, epoch-wise shuffled stream, this process's share.
+
+    Every process draws the same global batch of `batch_size x world_size` images and takes every
+    `world_size`-th one, and all use the same side for a batch. Each epoch is a fresh permutation (the
+    tail that does not fill a global batch is dropped). The strong augmentations stop at `strong_until`.
+    """
+
+    def __init__(self, num_images: int, batch_size: int, sizes: Sequence[int], total_batches: int, seed: int,
+                 strong_until: int, start_batch: int = 0, rank: int = 0, world_size: int = 1):
+        self.num_images, self.batch_size, self.sizes = num_images, batch_size, list(sizes)
+        self.total_batches, self.seed, self.strong_until = total_batches, seed, strong_until
+        self.start_batch, self.rank, self.world_size = start_batch, rank, world_size
+        if not self.sizes or any(s % 32 for s in self.sizes):
+            raise ValueError(f"input sides must be multiples of 32, got {self.sizes}")
+        self.batches_per_epoch = batches_per_epoch(num_images, batch_size, world_size)
+
+    def __len__(self) -> int:
+        return max(0, self.total_batches - self.start_batch)
+
+    def __iter__(self):
+        global_batch = self.batch_size * self.world_size
+        epoch, order = -1, None
+        for g in range(self.start_batch, self.total_batches):
+            if g // self.batches_per_epoch != epoch:
+                epoch = g // self.batches_per_epoch
+                order = np.random.default_rng([self.seed, epoch]).permutation(self.num_images)
+            b = g % self.batches_per_epoch
+            mine = order[b * global_batch:(b + 1) * global_batch][self.rank::self.world_size]
+            rng = np.random.default_rng([self.seed, epoch, b])
+            size = int(self.sizes[rng.integers(len(self.sizes))])
+            seeds = rng.integers(2**31, size=global_batch)[self.rank::self.world_size]
+            strong = g < self.strong_until
+            yield [SampleRequest(int(i), size, strong, int(s)) for i, s in zip(mine, seeds)]
+
+
+def batches_per_epoch(num_images: int, batch_size: int, world_size: int = 1) -> int:
+    n = num_images // (batch_size * world_size)
+    if n < 1:
+        raise ValueError(
+            f"{num_images} training images do not fill one global batch of {batch_size} x {world_size} processes"
+        )
+    return n
+
+
+def _worker_init(_: int) -> None:
+    import cv2
+
+    cv2.setNumThreads(1)  # one process per worker already; OpenCV's own pool would only oversubscribe the cores
+
+
+def build_train_loader(dataset: CocoDetection, sampler: DetectionBatchSampler, num_workers: int) -> DataLoader:
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_detection,
+                      pin_memory=torch.cuda.is_available(), worker_init_fn=_worker_init)
+
+
+def build_eval_loader(dataset: CocoDetection, batch_size: int, num_workers: int, rank: int = 0,
+                      world_size: int = 1, size: Optional[int] = None, limit: Optional[int] = None) -> DataLoader:
+    """This process's share of the images (every `world_size`-th; of the first `limit`), in order, none repeated."""
+    size = size or dataset.img_size
+    mine = list(range(rank, min(len(dataset), limit or len(dataset)), world_size))
+    batches = [[SampleRequest(i, size, False) for i in mine[j:j + batch_size]] for j in range(0, len(mine), batch_size)]
+    return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate_detection,
+                      pin_memory=torch.cuda.is_available(), worker_init_fn=_worker_init)

@@ -1,0 +1,208 @@
+"""Classification shards: webdataset tar files plus a `manifest.json` that says what is in them.
+
+A sample is `__key__`, `jpg` (JPEG bytes, RGB) and `cls` (the class index as ASCII); stored views with
+offline teacher labels add `soft.npy` (the teacher's top-k classes and probabilities). The manifest next
+to the shards records sample and per-class counts, so sizes are known without reading the tars:
+
+    {"num_samples": N, "num_classes": C, "class_counts": {"0": n0, ...},
+     "shards": [{"name": "shard-000000.tar", "num_samples": n}, ...], ...extra fields}
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+
+import cv2
+import numpy as np
+import webdataset as wds
+from braceexpand import braceexpand
+from webdataset.tariterators import tarfile_samples
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+SOFT_LABELS = "soft.npy"  # offline teacher labels: a structured array with fields `idx` (class) and `prob`
+
+
+class CorruptSampleError(ValueError):
+    """A sample whose image or label cannot be decoded; the message names its key and shard."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------
+
+
+def encode_jpeg(image: np.ndarray, quality: int = 95) -> bytes:
+    """HWC uint8 RGB -> JPEG bytes."""
+    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(image[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise ValueError(f"could not JPEG-encode an image of shape {image.shape}")
+    return buf.tobytes()
+
+
+def write_shards(
+    samples: Iterable[tuple[str, Union[np.ndarray, bytes], int]],
+    out_dir: Union[str, Path],
+    prefix: str = "shard",
+    maxcount: int = 1000,
+    quality: int = 95,
+    extra_manifest: Optional[dict[str, Any]] = None,
+    mtime: Optional[float] = None,
+) -> list[Path]:
+    """Write (key, image, label) samples to `out_dir/{prefix}-%06d.tar` and a manifest next to them.
+
+    `image` is an HWC uint8 RGB array (JPEG-encoded here) or already-encoded JPEG bytes (stored as is).
+    `extra_manifest` adds fields to the manifest (e.g. class names, generator parameters). A fixed `mtime`
+    for the tar entries makes the shards byte-identical across runs (default: the current time).
+    Returns the shard paths in order.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pattern = str(out_dir / f"{prefix}-%06d.tar")
+    per_shard: dict[str, int] = {}  # shard path -> samples, in writing order
+    class_counts: Counter = Counter()
+    with wds.ShardWriter(pattern, maxcount=maxcount, verbose=0, mtime=mtime) as sink:
+        first = sink.fname  # opened eagerly; removed below if nothing is written
+        for key, image, label in samples:
+            data = image if isinstance(image, (bytes, bytearray)) else encode_jpeg(image, quality)
+            sink.write({"__key__": str(key), "jpg": bytes(data), "cls": str(int(label)).encode()})
+            per_shard[sink.fname] = per_shard.get(sink.fname, 0) + 1
+            class_counts[int(label)] += 1
+    if not per_shard:
+        Path(first).unlink(missing_ok=True)
+    shards = [Path(p) for p in per_shard]
+    labels = [c for c in class_counts if c >= 0]
+    manifest = {
+        "num_samples": int(sum(per_shard.values())),
+        "num_classes": (max(labels) + 1) if labels else 0,
+        "class_counts": {str(c): int(n) for c, n in sorted(class_counts.items())},
+        "shards": [{"name": p.name, "num_samples": n} for p, n in zip(shards, per_shard.values())],
+    }
+    manifest.update(extra_manifest or {})
+    tmp = out_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, out_dir / MANIFEST)
+    return shards
+
+
+# --------------------------------------------------------------------------------------------------
+# Finding shards
+# --------------------------------------------------------------------------------------------------
+
+
+def expand_shards(spec: Union[str, Sequence[str]], root: Union[str, Path]) -> list[str]:
+    """Shard paths for a spec: brace patterns (`train-{000000..000127}.tar`), folders (every *.tar in
+    them, sorted) or lists of either; relative entries resolve against `root`. Every path must exist."""
+    root = Path(root)
+    entries = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+    paths: list[str] = []
+    for entry in entries:
+        for item in braceexpand(str(entry)):
+            path = Path(item) if os.path.isabs(item) else root / item
+            if path.is_dir():
+                found = sorted(str(p) for p in path.glob("*.tar"))
+                if not found:
+                    raise FileNotFoundError(f"shard spec {spec!r}: folder {path} holds no *.tar files")
+                paths.extend(found)
+            else:
+                paths.append(str(path))
+    if not paths:
+        raise FileNotFoundError(f"shard spec {spec!r} (root {root}) names no shards")
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(
+            f"shard spec {spec!r} (root {root}): {len(missing)} of {len(paths)} shards missing, "
+            f"first: {missing[:3]}"
+        )
+    return paths
+
+
+def read_manifest(folder_or_shard_paths: Union[str, Path, Sequence[Union[str, Path]]]) -> Optional[dict]:
+    """The manifest of a shard folder, or the combined counts of the listed shards from the manifests
+    in their folders. None when some shard is not in a manifest (its size is then unknown)."""
+    if isinstance(folder_or_shard_paths, (str, os.PathLike)) and Path(folder_or_shard_paths).is_dir():
+        path = Path(folder_or_shard_paths) / MANIFEST
+        return json.loads(path.read_text()) if path.is_file() else None
+    single = isinstance(folder_or_shard_paths, (str, os.PathLike))
+    shard_paths = [folder_or_shard_paths] if single else folder_or_shard_paths
+    by_folder: dict[Path, dict] = {}
+    total, shards = 0, []
+    for shard in map(Path, shard_paths):
+        folder = shard.parent
+        if folder not in by_folder:
+            path = folder / MANIFEST
+            if not path.is_file():
+                return None
+            manifest = json.loads(path.read_text())
+            by_folder[folder] = {s["name"]: s["num_samples"] for s in manifest.get("shards", [])}
+        count = by_folder[folder].get(shard.name)
+        if count is None:
+            return None
+        total += count
+        shards.append({"name": str(shard), "num_samples": count})
+    return {"num_samples": total, "shards": shards}
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------
+
+
+class SkipCounter:
+    """An error handler for `iter_shard` and decoding: counts corrupt samples and unreadable shards, warns
+    about the first few, and lets reading go on."""
+
+    def __init__(self, max_warnings: int = 5):
+        self.count = 0
+        self.warned = 0
+        self.max_warnings = max_warnings
+
+    def __call__(self, exc: Exception) -> bool:  # a webdataset error handler: go on
+        self.count += 1
+        if self.warned < self.max_warnings:
+            self.warned += 1
+            more = " (further ones are counted, not logged)" if self.warned == self.max_warnings else ""
+            logger.warning("skipping unreadable data: %s%s", exc, more)
+        return True
+
+
+def iter_shard(url: str, on_error: Callable[[Exception], bool]) -> Iterator[dict]:
+    """Raw samples (dicts of bytes) of one shard. A missing or truncated shard and broken tar members go to
+    `on_error` (return True to go on) instead of raising, so one bad file never ends a long run."""
+    return tarfile_samples([{"url": url}], handler=on_error)
+
+
+def decode_sample(sample: dict) -> tuple[np.ndarray, int]:
+    """A raw sample -> (HWC uint8 RGB image, class index). Raises CorruptSampleError naming the sample."""
+    where = f"sample {sample.get('__key__')!r} in {sample.get('__url__', '?')}"
+    data = sample.get("jpg", sample.get("jpeg", sample.get("png")))
+    if data is None:
+        entries = sorted(k for k in sample if not k.startswith("__"))
+        raise CorruptSampleError(f"{where}: no jpg/png entry (has {entries})")
+    try:
+        label = int(sample["cls"])
+    except (KeyError, ValueError) as exc:
+        raise CorruptSampleError(f"{where}: missing or non-integer 'cls' ({exc!r})") from None
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise CorruptSampleError(f"{where}: image bytes ({len(data)} B) could not be decoded")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB), label
+
+
+def decode_soft_labels(sample: dict) -> tuple[np.ndarray, np.ndarray]:
+    """A sample's stored teacher top-k -> (class indices int64 (k,), probabilities float32 (k,))."""
+    where = f"sample {sample.get('__key__')!r} in {sample.get('__url__', '?')}"
+    data = sample.get(SOFT_LABELS)
+    if data is None:
+        raise CorruptSampleError(f"{where}: no {SOFT_LABELS} entry (offline teacher labels)")
+    try:
+        record = np.load(io.BytesIO(data), allow_pickle=False)
+        return record["idx"].astype(np.int64), record["prob"].astype(np.float32)
+    except (ValueError, KeyError, OSError) as exc:
+        raise CorruptSampleError(f"{where}: unreadable {SOFT_LABELS} ({exc})") from None
