@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 from pathlib import Path
 
@@ -28,78 +27,14 @@ from distill.engine.logging import make_accelerator
 from distill.engine.optim import build_optimizer, warmup_cosine
 from distill.engine.rng import seed_everything
 from distill.engine.state import Progress, load_pretrain_checkpoint, save_pretrain_checkpoint
-from distill.engine.teacher_fit import fit_supervised
+from distill.engine.teachers import build_teacher
+from distill.engine.guards import update_is_finite, weight_checksums
+from distill.engine.plan import plan_steps
 from distill.losses import NonFiniteLoss, dense_from_topk, distillation_loss, soften
-from distill.models.factory import create_model, input_spec, num_outputs
-from distill.models.teacher import InputAdapter, create_teacher
+from distill.models.factory import create_model, input_spec
+from distill.models.teacher import InputAdapter
 
 logger = logging.getLogger("distill")
-
-
-def update_is_finite(accelerator, loss, grad_norm) -> bool:
-    """Whether to apply this step's update; the same answer on every process.
-
-    One host sync per optimizer step. Without a grad scaler the process-averaged gradient norm decides; with
-    fp16's scaler, inf gradients are its own business (it skips and lowers the scale), so the loss decides.
-    """
-    if accelerator.scaler is None:
-        return bool(torch.isfinite(grad_norm))
-    return bool(torch.isfinite(accelerator.reduce(loss.detach().float(), reduction="sum")))
-
-
-def build_teacher(cfg, mix: DataMix, accelerator, out: Path):
-    """The configured teacher; with no weights and `teacher.fit_steps`, one trained on labels first."""
-    t = cfg.teacher
-    checkpoint = t.checkpoint
-    if not checkpoint and not t.pretrained:
-        if t.fit_steps <= 0:
-            raise SystemExit(
-                "error: the teacher has no weights: set teacher.checkpoint=PATH, teacher.pretrained=true, "
-                "or teacher.fit_steps=N to train one on labels first"
-            )
-        checkpoint = str(out / "teacher.pt")
-        if not Path(checkpoint).exists():
-            model = create_model(t.name, num_classes=cfg.student.num_classes)
-            loader = build_train_loader(
-                mix, cfg.data.img_size, cfg.data.batch_size, cfg.data.num_workers, cfg.train.seed + 1,
-                total_samples=t.fit_steps * cfg.data.batch_size * accelerator.num_processes,
-                rank=accelerator.process_index, world_size=accelerator.num_processes,
-            )
-            fit_supervised(model, loader, t.fit_steps, t.fit_lr, accelerator, Path(checkpoint))
-    teacher = create_teacher(t.name, t.pretrained and not checkpoint, checkpoint, cfg.student.num_classes,
-                             t.img_size, t.mean, t.std)
-    if teacher.num_classes != cfg.student.num_classes:
-        raise SystemExit(
-            f"error: the teacher {t.name} predicts {teacher.num_classes} classes but student.num_classes="
-            f"{cfg.student.num_classes}; they must agree"
-        )
-    if t.channels_last:
-        teacher = teacher.to(memory_format=torch.channels_last)
-    if t.compile:
-        teacher = torch.compile(teacher)
-    return teacher.to(accelerator.device)
-
-
-def plan_steps(cfg, mix: DataMix, world_size: int) -> tuple[int, int, int]:
-    """Total optimizer steps, the global batch (samples per optimizer step) and the warm-up steps.
-
-    A recipe that names `data.global_batch_size` keeps it on any number of processes: the per-process batch
-    is derived from it here (and written back to the saved configuration). An epoch is one pass over the
-    mix's first source unless `data.samples_per_epoch` says otherwise."""
-    if cfg.data.global_batch_size:
-        share = world_size * cfg.optim.grad_accum
-        if cfg.data.global_batch_size % share:
-            raise SystemExit(
-                f"error: data.global_batch_size={cfg.data.global_batch_size} does not split evenly over "
-                f"{world_size} processes x optim.grad_accum={cfg.optim.grad_accum}"
-            )
-        cfg.data.batch_size = cfg.data.global_batch_size // share
-    global_batch = cfg.data.batch_size * world_size * cfg.optim.grad_accum
-    per_epoch = cfg.data.samples_per_epoch or mix.num_samples(mix.source_names[0])
-    steps_per_epoch = per_epoch / global_batch
-    total = int(cfg.train.steps) if cfg.train.steps else max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
-    warmup = cfg.optim.warmup_steps if cfg.optim.warmup_steps is not None else cfg.optim.warmup_epochs * steps_per_epoch
-    return total, global_batch, min(int(warmup), total)
 
 
 @exit_on_user_error
@@ -248,17 +183,6 @@ def main(argv=None) -> dict:
         logger.info("summary: %s", json.dumps({k: summary[k] for k in ("steps", "teacher_top1", "student_top1", "student_ema_top1")}))
     accelerator.end_training()
     return summary
-
-
-def weight_checksums(accelerator, student) -> list[float]:
-    """One number per process summarising its student weights; DDP keeps them equal, and a run whose
-    processes drifted apart says so rather than saving one process's weights as the result."""
-    with torch.no_grad():
-        local = sum(p.double().sum() + (p.double() ** 2).sum() for p in accelerator.unwrap_model(student).parameters())
-    sums = accelerator.gather(local.reshape(1)).tolist()
-    if max(sums) - min(sums) > 1e-6 * max(1.0, abs(max(sums))):
-        logger.warning("student weights differ across processes: %s", sums)
-    return sums
 
 
 def evaluate(cfg, accelerator, student, student_input, ema, teacher) -> dict:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-import torch
 from omegaconf import OmegaConf
 
 from distill.engine.checkpoint import (
