@@ -195,10 +195,20 @@ def _merge(cfg: DictConfig, update: DictConfig, source: str, schema: Any) -> Dic
         raise ConfigError(
             f"unknown key {key!r} in {source}; valid keys here: {', '.join(valid)}"
         ) from None
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or "?"
+    except (OmegaConfBaseException, TypeError) as e:
+        key = getattr(e, "full_key", None) or _first_key(update)
         msg = str(e).splitlines()[0]
         raise ConfigError(f"bad value for {key!r} in {source}: {msg}") from None
+
+
+def _first_key(update: DictConfig) -> str:
+    """The dotted key an update sets (for errors that carry none): its first leaf."""
+    node, parts = update, []
+    while isinstance(node, DictConfig) and len(node):
+        key = next(iter(node.keys()))
+        parts.append(str(key))
+        node = node._get_node(key)
+    return ".".join(parts) or "?"
 
 
 def load_config(
@@ -220,6 +230,12 @@ def load_config(
     except Exception as e:
         raise ConfigError(f"cannot parse command-line overrides {overrides}: {e}") from None
     cfg = _merge(cfg, cli, "command line", schema)
+    try:
+        OmegaConf.resolve(cfg)  # interpolations fail here, before any work, not when a value is first read
+        OmegaConf.merge(OmegaConf.structured(schema), cfg)  # resolved values are type-checked again
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        raise ConfigError(f"bad value for {key!r}: {str(e).splitlines()[0]}") from None
     cfg.recipe = path.stem if path.parent == recipe_dir else str(path)
     for key, allowed in (choices or {}).items():
         value = OmegaConf.select(cfg, key)

@@ -111,12 +111,13 @@ class DataMix:
             augment = spec.get("augment")
             if isinstance(augment, str):
                 augment = {"name": augment}
-            if not isinstance(augment, dict) or "name" not in augment:
+            if not isinstance(augment, dict) or not isinstance(augment.get("name"), str):
                 fail(f"{key}.augment", f"expected {{name: PRESET, ...params}}, got {augment!r}")
             params = {k: v for k, v in augment.items() if k != "name"}
             try:
                 check_augment(augment["name"], params)
-            except ValueError as exc:
+                create_augment(augment["name"], 32, **params)  # bad values fail here, not in a loader worker
+            except (ValueError, TypeError) as exc:
                 fail(f"{key}.augment", str(exc))
             weight = _number(spec.get("weight", 1.0), f"{key}.weight", fail)
             mixup = spec.get("mixup", False)
@@ -191,8 +192,12 @@ def _check_keys(mapping: dict, valid: set, key: str, fail) -> None:
 
 
 def _number(value: Any, key: str, fail) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        fail(key, f"expected a number, got {value!r}")
+    try:
+        finite = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        finite = False
+    if not finite:
+        fail(key, f"expected a finite number, got {str(value)[:40]}")
     if value < 0:
         fail(key, f"weights must be >= 0, got {value}")
     return float(value)
