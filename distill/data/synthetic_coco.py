@@ -97,8 +97,8 @@ def generate_coco_shapes(out_dir: str | Path, num_train: int, num_val: int, img_
     return out_dir
 
 
-def ensure_det_demo(root: str | Path, num_train: int = 600, num_val: int = 100, img_size: int = 192,
-                    num_classes: int = 4, max_objects: int = 5, seed: int = 0) -> Path:
+def ensure_det_demo(root: str | Path, num_train: int = 800, num_val: int = 100, img_size: int = 160,
+                    num_classes: int = 3, max_objects: int = 4, seed: int = 0) -> Path:
     """The demo detection set at `root`, generated once: built in a temporary sibling folder and renamed
     into place, so an interrupted run leaves no half-written set behind."""
     root = Path(root)
