@@ -1,0 +1,138 @@
+"""Class-balanced extra data (the paper's D3): score an image pool with a small classifier, keep the images
+whose top-class probability is above a threshold under that class, at most K per class, most confident
+first, and fill short classes by repeating their images.
+
+    accelerate launch distill/curate.py recipe=curate_d3 [key=value ...]
+
+Pass 1 scores every image (eval preprocessing) and keeps only per-class top-K references (confidence, unit,
+position), never images; it checkpoints every `checkpoint_every` units and resumes where it stopped. Pass 2
+re-reads the pool and writes the selection as `shard-%06d.tar` + `manifest.json` (a normal mix source), with
+`report.csv`, `report.png` and `summary.json`. Units are split across processes; their top-Ks merge on the
+main process.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+from accelerate.utils import gather_object
+from omegaconf import OmegaConf
+
+from distill.config import exit_on_user_error, save_config
+from distill.data.mix import DataMix
+from distill.data.shards import read_manifest
+from distill.data.synthetic import ensure_demo_dataset
+from distill.engine.checkpoint import atomic_save, load_checkpoint
+from distill.engine.logging import make_accelerator
+from distill.passes import curation_state as state
+from distill.passes.curation_report import write_report
+from distill.passes.curation_writer import assemble, clear_output, part_shards, write_fill, write_kept
+from distill.passes.fingerprint import fingerprint
+from distill.passes.frozen import build_frozen, eval_geometry
+from distill.passes.recipe import load_curate_config
+from distill.passes.scoring import EvalRender, score_units
+from distill.passes.selection import Selection, plan_selection
+from distill.passes.units import pool_units, rank_share
+
+logger = logging.getLogger("distill")
+
+DEMO_POOL = dict(extra_per_class=150)  # the demo's pool: a skewed class mix plus object-free images
+
+
+@exit_on_user_error
+def main(argv=None, scorer=None) -> dict:
+    """`scorer` replaces the configured model (any callable from a [0, 1] batch to logits)."""
+    cfg = load_curate_config(sys.argv[1:] if argv is None else argv)
+    out = Path(cfg.output_dir)
+    accelerator = make_accelerator(cfg.precision, 1, out, trackers=[])
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if accelerator.is_main_process:
+        if cfg.generate == "demo":
+            ensure_demo_dataset(Path(cfg.data_root) / "demo")
+            ensure_demo_dataset(Path(cfg.data_root) / "demo_pool", **DEMO_POOL)
+        save_config(cfg, out / "config.yaml")
+    accelerator.wait_for_everyone()
+
+    # ---- pass 1: score ----------------------------------------------------------------------------
+    units = pool_units(cfg.pool.shards, cfg.pool.folder, cfg.data_root, cfg.pool.folder_chunk)
+    if scorer is None:
+        scorer = build_frozen(cfg.scorer, "scorer", accelerator, out, cfg.data_root, seed=cfg.seed)
+        img_size, crop_pct = eval_geometry(scorer, cfg.scorer.img_size, cfg.crop_pct)
+    else:
+        img_size, crop_pct = cfg.scorer.img_size or 224, cfg.crop_pct or 0.875
+    progress, resumed = state.resume_or_start(out, rank, world, scoring_fingerprint(cfg, units, img_size, crop_pct),
+                                              cfg.scorer.num_classes, cfg.select.per_class, cfg.select.hist_bins,
+                                              cfg.select.threshold)
+    render = EvalRender(img_size, crop_pct, cfg.batch_size)
+    scored = score_units(rank_share(units, rank, world), render, scorer, progress, accelerator,
+                         state.progress_path(out, rank, world), cfg.checkpoint_every, cfg.num_workers)
+    scored = sum(gather_object([scored]))
+
+    # ---- merge and plan (main), then pass 2: write ------------------------------------------------
+    plan_path = out / ".progress" / "selection.pt"
+    if accelerator.is_main_process:
+        top, stats, done = state.merged(state.load_all(out, world))
+        if len(done) != len(units):
+            raise RuntimeError(f"{len(units) - len(done)} of {len(units)} units were not scored")
+        selection = plan_selection(top, cfg.select.fill, cfg.seed)
+        atomic_save({"selection": selection.state_dict(), "stats": stats.state_dict()}, plan_path)
+        clear_output(out)
+    accelerator.wait_for_everyone()
+    plan = load_checkpoint(plan_path)
+    selection = Selection.from_state_dict(plan["selection"])
+    parts = out / ".parts"
+    write_kept(selection, units, rank, world, parts / f"kept-r{rank:03d}", cfg.maxcount, cfg.quality)
+    accelerator.wait_for_everyone()
+    write_fill(selection, part_shards(parts, "kept"), rank, world, parts / f"fill-r{rank:03d}", cfg.maxcount)
+    accelerator.wait_for_everyone()
+
+    summary = {}
+    if accelerator.is_main_process:
+        stats = state.ScoreStats.from_state_dict(plan["stats"])
+        names = class_names(cfg)
+        manifest = assemble(out, cfg.scorer.num_classes, {
+            "classes": names, "curation": {"scorer": cfg.scorer.name, "threshold": cfg.select.threshold,
+                                           "per_class": cfg.select.per_class, "fill": cfg.select.fill,
+                                           "pool": cfg.pool.shards or cfg.pool.folder},
+        })
+        summary = write_report(out, stats, selection, cfg.select.threshold, names,
+                               {"shards": len(manifest["shards"]), "resumed": resumed,
+                                "scored_this_run": scored})
+        (out / "pool_units.txt").write_text("".join(f"{u.index}\t{u.name}\n" for u in units))
+        logger.info("curation: %s", json.dumps({k: summary[k] for k in ("scored", "candidates", "kept", "repeated", "written")}))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+def scoring_fingerprint(cfg, units, img_size: int, crop_pct: float) -> str:
+    """Everything that decides the scores and the top-K; saved progress must match it to be resumed."""
+    scorer = OmegaConf.to_container(cfg.scorer)
+    return fingerprint(
+        units=[u.name for u in units], img_size=img_size, crop_pct=crop_pct, threshold=cfg.select.threshold,
+        k=cfg.select.per_class, bins=cfg.select.hist_bins,
+        scorer={k: scorer[k] for k in ("name", "pretrained", "checkpoint", "num_classes", "mean", "std")},
+    )
+
+
+def class_names(cfg) -> list[str] | None:
+    """Names of the scorer's classes for the report: ImageNet's for a 1000-class hub model, else those in the
+    manifest of the data it was fitted on (the demos), else none."""
+    if cfg.scorer.pretrained and not cfg.scorer.checkpoint and cfg.scorer.num_classes == 1000:
+        from timm.data import ImageNetInfo
+
+        info = ImageNetInfo()
+        return [info.index_to_description(i) for i in range(1000)]
+    if cfg.scorer.fit_steps > 0:
+        try:
+            mix = DataMix.load(cfg.scorer.fit_mix, cfg.data_root)
+            return (read_manifest(Path(mix.shard_paths(mix.source_names[0])[0]).parent) or {}).get("classes")
+        except (ValueError, FileNotFoundError):
+            return None
+    return None
+
+
+if __name__ == "__main__":
+    main()

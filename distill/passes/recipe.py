@@ -1,0 +1,153 @@
+"""Recipes of the two passes that run a model over data before a student trains: curation (`curate_*.yaml`)
+and offline labelling (`label_*.yaml`). Typed schemas, filled by the YAML and overridden by `key=value`."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from omegaconf import DictConfig
+
+from distill.config import RECIPE_DIR, ConfigError, load_config
+
+
+@dataclass
+class FrozenModelConfig:
+    """A classifier that only runs forward: the curation scorer or the labelling teacher."""
+
+    name: str = "efficientnet_b0.ra_in1k"  # timm name or `torchvision/<name>`
+    pretrained: bool = True  # hub weights (network access needed)
+    checkpoint: Optional[str] = None  # a local checkpoint instead of hub weights
+    num_classes: int = 1000
+    img_size: Optional[int] = None  # default: the model's own pretrained input size
+    mean: Optional[list[float]] = None  # default: the model's own normalisation
+    std: Optional[list[float]] = None
+    channels_last: bool = False
+    compile: bool = False
+    # With no weights at all, train the model on the labels of this mix first (the embedded demos);
+    # 0 refuses to run a random model.
+    fit_steps: int = 0
+    fit_lr: float = 0.002
+    fit_mix: str = "demo"
+    fit_img_size: int = 64
+    fit_batch_size: int = 64
+
+
+# --------------------------------------------------------------------------------------------------
+# Curation: class-balanced extra data (the paper's D3)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PoolConfig:
+    shards: Optional[str] = None  # webdataset shards: brace pattern or folder, relative to `data_root`
+    folder: Optional[str] = None  # or an image folder (searched recursively), relative to `data_root`
+    folder_chunk: int = 1000  # images of a folder per unit of work (shards are units as they are)
+
+
+@dataclass
+class SelectConfig:
+    threshold: float = 0.3  # keep an image when its top-class probability is above this
+    per_class: int = 130_000  # K: the most confident K per class are kept
+    fill: str = "repeat"  # classes with fewer than K: repeat their images up to K, or leave them short
+    hist_bins: int = 20  # bins of the per-class confidence histogram in the report
+
+
+@dataclass
+class CurateConfig:
+    recipe: str = ""
+    data_root: str = "data"  # pool paths and a relative output_dir resolve against this
+    generate: Optional[str] = None  # "demo": generate the demo datasets under `data_root` if missing
+    output_dir: Optional[str] = None  # relative to data_root; default: the recipe's name. Shards + report
+    maxcount: int = 1000  # samples per output shard
+    quality: int = 95  # JPEG quality for pool images that are not JPEG already (JPEGs are copied as is)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    scorer: FrozenModelConfig = field(default_factory=FrozenModelConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    crop_pct: Optional[float] = None  # eval centre crop; default: the scorer's own
+    batch_size: int = 256  # images scored per forward pass, per process
+    num_workers: int = 8  # decoding workers per process
+    precision: str = "auto"  # auto (bf16 where supported), no, bf16, fp16
+    checkpoint_every: int = 20  # units (shards / folder chunks) between progress checkpoints
+    seed: int = 0  # order of the fill copies
+
+
+CURATE_CHOICES = {
+    "select.fill": ("repeat", "short"),
+    "precision": ("auto", "no", "bf16", "fp16"),
+    "generate": (None, "demo"),
+}
+
+
+def load_curate_config(argv: Sequence[str], recipe_dir: Path = RECIPE_DIR) -> DictConfig:
+    cfg = load_config(CurateConfig, argv, recipe_dir, CURATE_CHOICES)
+    if not 0.0 <= cfg.select.threshold < 1.0:
+        raise ConfigError(f"select.threshold={cfg.select.threshold} must be in [0, 1)")
+    for key in ("select.per_class", "batch_size", "checkpoint_every", "maxcount", "pool.folder_chunk"):
+        if _get(cfg, key) < 1:
+            raise ConfigError(f"{key}={_get(cfg, key)} must be at least 1")
+    if bool(cfg.pool.shards) == bool(cfg.pool.folder):
+        raise ConfigError("give the image pool as exactly one of pool.shards=SPEC or pool.folder=PATH")
+    cfg.output_dir = under_root(cfg.data_root, cfg.output_dir or Path(cfg.recipe).stem)
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------
+# Offline labelling: stored views with the teacher's top-k distribution
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ViewConfig:
+    img_size: int = 224  # side of the stored views: the student's training resolution
+    replicas: int = 1  # augmented views stored per image (R), per source unless `replicas_per_source` says
+    replicas_per_source: dict[str, int] = field(default_factory=dict)
+    quality: int = 90  # JPEG quality of the stored views; the teacher labels the decoded JPEG
+    topk: int = 10  # teacher probabilities kept per view (float16, with int16/int32 class indices)
+    meta: bool = False  # also store {src, replica, partner, lam} per view as `json` (+1 KB per view in tar)
+
+
+@dataclass
+class LabelConfig:
+    recipe: str = ""
+    mix: str = "mnv4"  # data_mixes/NAME.yaml or a path: every source of it gets views
+    sources: list[str] = field(default_factory=list)  # a subset of the mix's sources (default: all)
+    data_root: str = "data"  # the mix's relative shard paths resolve against this
+    generate: Optional[str] = None  # "demo": generate the demo dataset under `data_root` if missing
+    output_dir: Optional[str] = None  # relative to data_root; default: the recipe's name. A folder per source
+    offline_mix: Optional[str] = None  # also write this mix file, pointing at the views (flip, same weights)
+    teacher: FrozenModelConfig = field(default_factory=FrozenModelConfig)
+    view: ViewConfig = field(default_factory=ViewConfig)
+    batch_size: int = 128  # views labelled per forward pass, per process
+    num_workers: int = 8
+    precision: str = "auto"
+    seed: int = 0
+
+
+LABEL_CHOICES = {"precision": ("auto", "no", "bf16", "fp16"), "generate": (None, "demo")}
+
+
+def load_label_config(argv: Sequence[str], recipe_dir: Path = RECIPE_DIR) -> DictConfig:
+    cfg = load_config(LabelConfig, argv, recipe_dir, LABEL_CHOICES)
+    for key in ("view.replicas", "view.topk", "view.img_size", "batch_size"):
+        if _get(cfg, key) < 1:
+            raise ConfigError(f"{key}={_get(cfg, key)} must be at least 1")
+    if not 1 <= cfg.view.quality <= 100:
+        raise ConfigError(f"view.quality={cfg.view.quality} must be in [1, 100]")
+    if cfg.view.topk > cfg.teacher.num_classes:
+        raise ConfigError(f"view.topk={cfg.view.topk} exceeds teacher.num_classes={cfg.teacher.num_classes}")
+    cfg.output_dir = under_root(cfg.data_root, cfg.output_dir or Path(cfg.recipe).stem)
+    return cfg
+
+
+def under_root(root: str, path) -> str:
+    """Outputs of the passes are data: a relative path lands under the data root, where mixes find it."""
+    path = Path(path)
+    return str(path if path.is_absolute() else Path(root) / path)
+
+
+def _get(cfg: DictConfig, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return node
