@@ -52,9 +52,14 @@ def distillation_loss(
     return terms
 
 
-def dense_from_topk(indices: torch.Tensor, probs: torch.Tensor, num_classes: int) -> torch.Tensor:
+def dense_from_topk(
+    indices: torch.Tensor, probs: torch.Tensor, num_classes: int, temperature: float = 1.0
+) -> torch.Tensor:
     """Stored top-k teacher probabilities (B, k) as full distributions (B, num_classes), renormalised so the
-    mass left out of the top k is not credited to any class."""
+    mass left out of the top k is not credited to any class. Stored probabilities are at temperature 1;
+    softmax(z / T) is proportional to p ** (1 / T), so another temperature is applied here."""
     probs = probs.float()
+    if temperature != 1.0:
+        probs = probs.clamp_min(1e-12).pow(1.0 / temperature)
     dense = torch.zeros(probs.shape[0], num_classes, device=probs.device).scatter_(1, indices.long(), probs)
     return dense / dense.sum(dim=1, keepdim=True).clamp_min(1e-12)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from distill.config import exit_on_user_error, load_pretrain_config, save_config
+from distill.config import ConfigError, exit_on_user_error, load_pretrain_config, save_config
 from distill.data.loader import build_eval_loader, build_train_loader
 from distill.data.mix import DataMix
 from distill.data.mixup import mixup_batch
@@ -50,10 +50,13 @@ def main(argv=None) -> dict:
 
     # ---- build ------------------------------------------------------------------------------------
     mix = DataMix.load(cfg.data.mix, cfg.data.root)
+    offline = cfg.teacher.mode == "offline"
+    if offline and any(mix.mixup_flags):
+        raise ConfigError(f"teacher.mode=offline: the stored views are mixed already; {cfg.data.mix} must not "
+                          f"set mixup on {[n for n, m in zip(mix.source_names, mix.mixup_flags) if m]}")
     total_steps, global_batch, warmup = plan_steps(cfg, mix, world)
     if accelerator.is_main_process:
         save_config(cfg, out / "config.yaml")
-    offline = cfg.teacher.mode == "offline"
     teacher = None if offline or not cfg.loss.kd_weight else build_teacher(cfg, mix, accelerator, out)
     student = create_model(
         cfg.student.name, cfg.student.num_classes, cfg.student.pretrained,
@@ -107,7 +110,7 @@ def main(argv=None) -> dict:
             with accelerator.accumulate(student):
                 if offline:
                     targets = dense_from_topk(batch["soft_idx"].to(device), batch["soft_prob"].to(device),
-                                              cfg.student.num_classes)
+                                              cfg.student.num_classes, cfg.loss.temperature)
                 elif teacher is not None:
                     with accelerator.autocast():
                         targets = soften(teacher(images), cfg.loss.temperature)

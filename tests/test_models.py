@@ -64,3 +64,5 @@ def test_losses():
     probs = soften(logits)
     top = probs.topk(10)
     assert torch.allclose(dense_from_topk(top.indices, top.values.half(), 10), probs, atol=1e-3)
+    # stored at temperature 1, softened later: the same as the teacher's softmax at that temperature
+    assert torch.allclose(dense_from_topk(top.indices, top.values, 10, temperature=2.0), soften(logits, 2.0), atol=1e-5)
