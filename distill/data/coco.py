@@ -214,12 +214,16 @@ class DetectionBatchSampler(Sampler[list[SampleRequest]]):
 
     Every process draws the same global batch of `batch_size x world_size` images and takes every
     `world_size`-th one, and all use the same side for a batch. Each epoch is a fresh permutation (the
-    tail that does not fill a global batch is dropped). The strong augmentations stop at `strong_until`.
+    tail that does not fill a global batch is dropped). At batch `strong_until` the strong augmentations
+    and the multi-scale draw stop: from there every batch has side `final_size` (default: the largest of
+    `sizes`' most frequent ones, i.e. the base size a recipe repeats).
     """
 
     def __init__(self, num_images: int, batch_size: int, sizes: Sequence[int], total_batches: int, seed: int,
-                 strong_until: int, start_batch: int = 0, rank: int = 0, world_size: int = 1):
+                 strong_until: int, start_batch: int = 0, rank: int = 0, world_size: int = 1,
+                 final_size: Optional[int] = None):
         self.num_images, self.batch_size, self.sizes = num_images, batch_size, list(sizes)
+        self.final_size = final_size or max(self.sizes, key=lambda s: (self.sizes.count(s), s))
         self.total_batches, self.seed, self.strong_until = total_batches, seed, strong_until
         self.start_batch, self.rank, self.world_size = start_batch, rank, world_size
         if not self.sizes or any(s % 32 for s in self.sizes):
@@ -242,6 +246,7 @@ class DetectionBatchSampler(Sampler[list[SampleRequest]]):
             size = int(self.sizes[rng.integers(len(self.sizes))])
             seeds = rng.integers(2**31, size=global_batch)[self.rank::self.world_size]
             strong = g < self.strong_until
+            size = size if strong else self.final_size
             yield [SampleRequest(int(i), size, strong, int(s)) for i, s in zip(mine, seeds)]
 
 

@@ -1,0 +1,126 @@
+"""The detection fine-tuning recipe: a typed schema, filled by `recipes/NAME.yaml`, overridden by `key=value`.
+
+Defaults are RT-DETRv2's (the R18-sized neck and decoder, its optimiser and augmentation schedule); the
+`rtdetr_*` recipes only name the backbone and what differs per size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from omegaconf import DictConfig
+
+from distill.config import RECIPE_DIR, ConfigError, load_config
+
+
+@dataclass
+class DetModelConfig:
+    """The fields of `distill.detection.rtdetr.RTDETRConfig` a recipe may set (the class count comes from
+    the data unless given)."""
+
+    backbone: str = "mobilenetv4_conv_small"  # timm name or `torchvision/<name>`
+    backbone_checkpoint: Optional[str] = None  # a distillation run checkpoint or exported folder
+    pretrained_backbone: bool = False  # timm's hub weights instead (network access needed)
+    num_classes: Optional[int] = None  # default: the training annotations' category count
+    hidden_dim: int = 256
+    expansion: float = 0.5
+    num_queries: int = 300
+    num_decoder_layers: int = 3
+    num_heads: int = 8
+    num_points: int = 4
+    dim_feedforward: int = 1024
+    fusion_block: str = "csp_repvgg"
+    downsample: str = "conv"
+    encoder_attention: str = "aifi"
+    num_denoising: int = 100
+    label_noise_ratio: float = 0.5
+    box_noise_scale: float = 1.0
+    out_strides: list[int] = field(default_factory=lambda: [8, 16, 32])  # [16, 32]: the two-level light neck
+    depth_mult: float = 1.0  # CSP units per fusion block = round(3 x depth_mult)
+    dropout: float = 0.0
+
+
+@dataclass
+class DetDataConfig:
+    root: str = "data/coco"  # the paths below are relative to it
+    train_images: str = "train2017"
+    train_ann: str = "annotations/instances_train2017.json"
+    val_images: str = "val2017"
+    val_ann: str = "annotations/instances_val2017.json"
+    generate: Optional[str] = None  # "det_demo": generate the shapes dataset under `root` if missing
+    img_size: int = 640  # evaluation side, and the training side when `multiscale` is empty
+    multiscale: list[int] = field(default_factory=list)  # training sides drawn per batch (multiples of 32)
+    batch_size: int = 4  # per process
+    global_batch_size: Optional[int] = None  # when set, batch_size = global / (processes x grad_accum)
+    val_batch_size: int = 8
+    num_workers: int = 4
+
+
+@dataclass
+class DetOptimConfig:
+    lr: float = 1e-4
+    backbone_lr: float = 1e-5
+    weight_decay: float = 1e-4  # none on norms and biases
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 2000  # linear warm-up
+    min_lr_ratio: float = 1.0  # LR after the cosine decay as a share of the peak; 1.0: flat, as RT-DETRv2
+    clip_grad: Optional[float] = 0.1
+    grad_accum: int = 1
+
+
+@dataclass
+class DetTrainConfig:
+    epochs: float = 72.0
+    steps: Optional[int] = None  # optimizer steps; overrides epochs when set
+    seed: int = 0
+    precision: str = "auto"  # auto (bf16 where supported), no, bf16, fp16
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True
+    no_aug_epochs: float = 1.0  # the last epochs train without the strong augmentations or multi-scale
+    log_every: int = 50
+    ckpt_every: int = 1000
+    keep_ckpts: int = 2
+    eval_every: int = 0  # 0: evaluate at the end only
+    max_bad_steps: int = 10  # stop after this many non-finite losses in a row
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard", "jsonl"])
+
+
+@dataclass
+class DetEvalConfig:
+    num_top: int = 300  # detections kept per image (top scores over queries x classes, no NMS)
+    use_ema: bool = True  # evaluate the EMA weights (the model RT-DETR reports)
+    visualize: int = 4  # val images drawn with their predictions into predictions.png; 0: none
+    score_threshold: float = 0.3  # for the picture only
+
+
+@dataclass
+class DetConfig:
+    recipe: str = ""
+    output_dir: Optional[str] = None  # default: runs/<recipe>
+    resume: Optional[str] = None  # "auto": newest checkpoint in output_dir; or a checkpoint path
+    model: DetModelConfig = field(default_factory=DetModelConfig)
+    data: DetDataConfig = field(default_factory=DetDataConfig)
+    optim: DetOptimConfig = field(default_factory=DetOptimConfig)
+    train: DetTrainConfig = field(default_factory=DetTrainConfig)
+    eval: DetEvalConfig = field(default_factory=DetEvalConfig)
+
+
+DET_CHOICES = {
+    "model.fusion_block": ("csp_repvgg", "uib", "extradw", "cib"),
+    "model.downsample": ("conv", "scdown"),
+    "model.encoder_attention": ("aifi", "psa"),
+    "data.generate": (None, "det_demo"),
+    "train.precision": ("auto", "no", "bf16", "fp16"),
+}
+
+
+def load_det_config(argv: Sequence[str], recipe_dir: Path = RECIPE_DIR) -> DictConfig:
+    cfg = load_config(DetConfig, argv, recipe_dir, DET_CHOICES)
+    bad = [s for s in list(cfg.data.multiscale) + [cfg.data.img_size] if s <= 0 or s % 32]
+    if bad:
+        raise ConfigError(f"data.img_size / data.multiscale must be positive multiples of 32, got {bad}")
+    if cfg.output_dir is None:
+        cfg.output_dir = str(Path("runs") / Path(cfg.recipe).stem)
+    return cfg

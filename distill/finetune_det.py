@@ -1,0 +1,358 @@
+"""RT-DETR fine-tuning of a (distilled) lightweight backbone on COCO-format data.
+
+    accelerate launch distill/finetune_det.py recipe=rtdetr_mnv4_conv_s [key=value ...]
+    python distill/finetune_det.py recipe=det_demo            # the generated shapes demo, CPU, minutes
+
+RT-DETRv2's recipe: AdamW with a slower backbone, linear warm-up, gradient clipping, EMA weights, strong
+augmentation and multi-scale inputs switched off for the last epochs. The run folder holds config.yaml,
+metrics.jsonl, checkpoints, predictions.json, predictions.png and summary.json (AP of the EMA weights).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from distill.config import exit_on_user_error, save_config
+from distill.data.coco import (
+    CocoDetection,
+    DetectionBatchSampler,
+    batches_per_epoch,
+    build_eval_loader,
+    build_train_loader,
+    targets_to,
+    to_model_input,
+)
+from distill.data.synthetic_coco import ensure_det_demo
+from distill.detection.criterion import RTDETRCriterion
+from distill.detection.evaluate import evaluate_detector, predict
+from distill.detection.postprocess import PostProcessor
+from distill.detection.recipe import load_det_config
+from distill.detection.rtdetr import RTDETRConfig, build_rtdetr
+from distill.detection.visualize import save_prediction_grid
+from distill.engine.checkpoint import (
+    atomic_save,
+    atomic_write_text,
+    checkpoint_path,
+    load_checkpoint,
+    load_state_strict,
+    prune_checkpoints,
+    resolve_resume,
+)
+from distill.engine.guards import update_is_finite, weight_checksums
+from distill.engine.logging import make_accelerator
+from distill.engine.optim import build_optimizer, warmup_cosine
+from distill.engine.rng import capture_rng, restore_rng, seed_everything
+
+logger = logging.getLogger("distill")
+
+GENERATORS = {"det_demo": ensure_det_demo}
+
+
+@exit_on_user_error
+def main(argv=None) -> dict:
+    cfg = load_det_config(sys.argv[1:] if argv is None else argv)
+    out = Path(cfg.output_dir)
+    accelerator = make_accelerator(cfg.train.precision, cfg.optim.grad_accum, out, cfg.train.trackers)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    seed_everything(cfg.train.seed)  # the same initial weights on every process
+    if accelerator.is_main_process and cfg.data.generate:
+        GENERATORS[cfg.data.generate](cfg.data.root)
+    accelerator.wait_for_everyone()
+    started = time.time()
+
+    # ---- build ------------------------------------------------------------------------------------
+    root = Path(cfg.data.root)
+    train_set = CocoDetection(root / cfg.data.train_images, root / cfg.data.train_ann, True, cfg.data.img_size)
+    val_set = CocoDetection(root / cfg.data.val_images, root / cfg.data.val_ann, False, cfg.data.img_size)
+    plan = plan_steps(cfg, len(train_set), world)
+    if cfg.model.num_classes is None:
+        cfg.model.num_classes = train_set.num_classes
+    if accelerator.is_main_process:
+        save_config(cfg, out / "config.yaml")
+    model = build_rtdetr(model_config(cfg.model))
+    mean, std = model.mean, model.std  # the backbone's own normalisation (its timm pretrained_cfg)
+    criterion = RTDETRCriterion(cfg.model.num_classes)
+    postprocess = PostProcessor(num_top=cfg.eval.num_top)
+    from timm.utils import ModelEmaV3
+
+    ema = ModelEmaV3(model, decay=cfg.train.ema_decay, use_warmup=cfg.train.ema_warmup)
+    optimizer = build_optimizer(param_groups(model, cfg.optim), cfg.optim.lr, cfg.optim.weight_decay,
+                                cfg.optim.betas, cfg.optim.eps)
+    scheduler = warmup_cosine(optimizer, plan.warmup, plan.total_steps, cfg.optim.min_lr_ratio)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ema.to(device)
+
+    progress, rng_state = Progress(), None
+    resume_from = resolve_resume(cfg.resume, out)
+    if resume_from:
+        progress, rng_state = load_det_checkpoint(resume_from, accelerator, model, ema, optimizer, scheduler,
+                                                  plan.total_steps)
+    accum = cfg.optim.grad_accum
+    sampler = DetectionBatchSampler(
+        len(train_set), cfg.data.batch_size, list(cfg.data.multiscale) or [cfg.data.img_size],
+        plan.total_steps * accum, cfg.train.seed, plan.strong_until * accum, progress.step * accum, rank, world,
+        final_size=cfg.data.img_size,
+    )
+    batches = iter(build_train_loader(train_set, sampler, cfg.data.num_workers))
+    if rng_state is not None:  # after the loader has drawn its seed, as at the start of the interrupted run
+        restore_rng(rng_state)
+    accelerator.init_trackers("finetune_det")
+    if accelerator.is_main_process:
+        n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
+        logger.info("%s: %.2fM parameters; %d steps (%.1f per epoch), %d processes x batch %d x accum %d",
+                    cfg.model.backbone, n_params / 1e6, plan.total_steps, plan.steps_per_epoch, world,
+                    cfg.data.batch_size, accum)
+
+    # ---- loop -------------------------------------------------------------------------------------
+    model.train()
+    bar = tqdm(total=plan.total_steps, initial=progress.step, desc="rt-detr", disable=not accelerator.is_main_process)
+    while progress.step < plan.total_steps:
+        for _ in range(accum):
+            batch = next(batches)
+            progress.note_skipped(batch["skipped"])
+            images = to_model_input(batch["images"].to(device, non_blocking=True), mean, std)
+            targets = targets_to(batch["targets"], device)
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    outputs = model(images, targets)
+                with torch.autocast(device.type, enabled=False):  # matching and losses in full precision
+                    losses = criterion(fp32(outputs), targets)
+                loss = sum(losses.values())
+                accelerator.backward(loss)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad or float("inf"))
+        if update_is_finite(accelerator, loss, grad_norm):
+            optimizer.step()
+            progress.bad_in_row = 0
+        else:
+            progress.bad_steps += 1
+            progress.bad_in_row += 1
+            logger.warning("non-finite loss at step %d: update skipped", progress.step)
+            if progress.bad_in_row >= cfg.train.max_bad_steps:
+                raise SystemExit(f"error: {progress.bad_in_row} non-finite losses in a row at step {progress.step} "
+                                 f"(train.max_bad_steps={cfg.train.max_bad_steps}); lower optim.lr or check the data")
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        ema.update(accelerator.unwrap_model(model), step=progress.step)
+        progress.step += 1
+        bar.update(1)
+
+        if progress.step % cfg.train.log_every == 0 or progress.step == plan.total_steps:
+            metrics = {k: accelerator.reduce(v.detach().float(), reduction="mean").item() for k, v in losses.items()}
+            metrics |= {"loss": sum(metrics.values()), "lr": scheduler.get_last_lr()[-1],
+                        "backbone_lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                        "epoch": progress.step / plan.steps_per_epoch, "input_size": images.shape[-1],
+                        "skipped_images": total_skipped(accelerator, progress)}
+            accelerator.log(metrics, step=progress.step)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
+        if progress.step % cfg.train.ckpt_every == 0 or progress.step == plan.total_steps:
+            save_det_checkpoint(out, accelerator, model, ema, optimizer, scheduler, progress, plan.total_steps, cfg)
+        if cfg.train.eval_every and progress.step % cfg.train.eval_every == 0 and progress.step < plan.total_steps:
+            accelerator.log(evaluate(cfg, accelerator, model, ema, val_set, postprocess, mean, std), step=progress.step)
+            model.train()
+    bar.close()
+
+    # ---- evaluate and summarise -------------------------------------------------------------------
+    checksums = weight_checksums(accelerator, model)
+    metrics = evaluate(cfg, accelerator, model, ema, val_set, postprocess, mean, std, out / "predictions.json")
+    accelerator.log(metrics, step=progress.step)
+    skipped = total_skipped(accelerator, progress)
+    from accelerate.utils import gather_object
+
+    skipped_files = sorted(set(gather_object(list(progress.skipped_files))))
+    summary = {
+        "recipe": cfg.recipe,
+        "backbone": cfg.model.backbone,
+        "evaluated": "ema" if cfg.eval.use_ema else "model",
+        **{k: metrics[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")},
+        "metrics": metrics,
+        "steps": progress.step,
+        "epochs": progress.step / plan.steps_per_epoch,
+        "params": sum(p.numel() for p in accelerator.unwrap_model(model).parameters()),
+        "skipped_images": skipped,
+        "skipped_files": skipped_files,
+        "bad_steps": progress.bad_steps,
+        "process_weight_checksums": checksums,
+        "wall_time_s": round(time.time() - started, 1),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    if accelerator.is_main_process:
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+        if cfg.eval.visualize:
+            draw_predictions(cfg, accelerator, ema.module if cfg.eval.use_ema else model, val_set, postprocess,
+                             mean, std, out / "predictions.png")
+        logger.info("summary: %s", json.dumps({k: summary[k] for k in ("steps", "AP", "AP50", "AP75", "wall_time_s")}))
+    accelerator.end_training()
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------
+# The pieces the loop above names
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    total_steps: int  # optimizer steps of the whole run
+    steps_per_epoch: float
+    warmup: int
+    strong_until: int  # the step at which strong augmentation and multi-scale stop
+
+
+def plan_steps(cfg, num_images: int, world_size: int) -> Plan:
+    """Steps from epochs (one epoch = every training image once, the incomplete last global batch dropped).
+
+    `data.global_batch_size` fixes the total batch on any number of processes (the per-process batch is
+    derived here and written back to the saved configuration)."""
+    accum = cfg.optim.grad_accum
+    if cfg.data.global_batch_size:
+        if cfg.data.global_batch_size % (world_size * accum):
+            raise SystemExit(f"error: data.global_batch_size={cfg.data.global_batch_size} does not split evenly "
+                             f"over {world_size} processes x optim.grad_accum={accum}")
+        cfg.data.batch_size = cfg.data.global_batch_size // (world_size * accum)
+    try:
+        per_epoch = batches_per_epoch(num_images, cfg.data.batch_size, world_size) // accum
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if per_epoch < 1:
+        raise SystemExit(f"error: {num_images} images give less than one step per epoch with grad_accum={accum}")
+    total = int(cfg.train.steps) if cfg.train.steps else max(1, math.ceil(cfg.train.epochs * per_epoch))
+    strong_until = max(0, total - int(round(cfg.train.no_aug_epochs * per_epoch)))
+    return Plan(total, float(per_epoch), min(int(cfg.optim.warmup_steps), total), strong_until)
+
+
+def param_groups(model: torch.nn.Module, optim_cfg) -> list[dict]:
+    """Four groups: backbone / rest x decayed / not (1-D parameters: norms and biases, no weight decay)."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        backbone = name.startswith("backbone.")
+        decay = p.ndim > 1
+        key = (backbone, decay)
+        if key not in groups:
+            groups[key] = {"params": [], "lr": optim_cfg.backbone_lr if backbone else optim_cfg.lr,
+                           "weight_decay": optim_cfg.weight_decay if decay else 0.0,
+                           "name": ("backbone" if backbone else "detector") + ("" if decay else "_no_decay")}
+        groups[key]["params"].append(p)
+    if not any(backbone for backbone, _ in groups):
+        raise ValueError(f"{type(model).__name__} has no `backbone` submodule with trainable parameters")
+    # the backbone groups first, so the logged `backbone_lr` is group 0 and `lr` the last group
+    return [groups[k] for k in sorted(groups, key=lambda k: (not k[0], not k[1]))]
+
+
+def model_config(model_cfg) -> RTDETRConfig:
+    fields = OmegaConf.to_container(model_cfg)
+    return RTDETRConfig(**{**fields, "out_strides": tuple(fields["out_strides"])})
+
+
+def fp32(outputs):
+    """Model outputs (nested dicts / lists of tensors) in float32 for the loss."""
+    if torch.is_tensor(outputs):
+        return outputs.float() if outputs.is_floating_point() else outputs
+    if isinstance(outputs, dict):
+        return {k: fp32(v) for k, v in outputs.items()}
+    if isinstance(outputs, (list, tuple)):
+        return type(outputs)(fp32(v) for v in outputs)
+    return outputs
+
+
+def evaluate(cfg, accelerator, model, ema, val_set, postprocess, mean, std, out_json=None) -> dict:
+    net = ema.module if cfg.eval.use_ema else accelerator.unwrap_model(model)
+    loader = build_eval_loader(val_set, cfg.data.val_batch_size, cfg.data.num_workers,
+                               accelerator.process_index, accelerator.num_processes)
+    return evaluate_detector(net, loader, postprocess, mean, std, val_set.category_ids, val_set.ann_file,
+                             accelerator, out_json)
+
+
+def draw_predictions(cfg, accelerator, model, val_set, postprocess, mean, std, path: Path) -> None:
+    loader = build_eval_loader(val_set, cfg.eval.visualize, 0, limit=cfg.eval.visualize)
+    results, image_ids, _ = predict(accelerator.unwrap_model(model), loader, postprocess, mean, std,
+                                    accelerator.device, accelerator.autocast)
+    try:
+        save_prediction_grid(val_set, dict(zip(image_ids, results)), path, cfg.eval.visualize,
+                             cfg.eval.score_threshold)
+    except ValueError as e:
+        logger.warning("no picture of the predictions: %s", e)
+
+
+# --------------------------------------------------------------------------------------------------
+# What a run carries across an interruption
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Progress:
+    step: int = 0  # optimizer steps taken (skipped non-finite steps included: they consumed data)
+    skipped_images: int = 0  # undecodable training images met by this process
+    skipped_files: list[str] = field(default_factory=list)  # their names (the first 100)
+    bad_steps: int = 0
+    bad_in_row: int = 0
+
+    def note_skipped(self, names: list[str]) -> None:
+        self.skipped_images += len(names)
+        self.skipped_files += names[: max(0, 100 - len(self.skipped_files))]
+
+
+def total_skipped(accelerator, progress: Progress) -> int:
+    count = torch.tensor(progress.skipped_images, device=accelerator.device)
+    return int(accelerator.reduce(count, reduction="sum"))
+
+
+def save_det_checkpoint(folder: Path, accelerator, model, ema, optimizer, scheduler, progress: Progress,
+                        total_steps: int, cfg) -> None:
+    """All processes call this; the main one writes. Every process's RNG state and progress go in."""
+    from accelerate.utils import gather_object
+
+    rng = gather_object([capture_rng()])
+    per_process = gather_object([asdict(progress)])
+    if accelerator.is_main_process:
+        state = {
+            "model": accelerator.unwrap_model(model).state_dict(),
+            "ema": ema.module.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+            "progress": per_process,
+            "total_steps": total_steps,
+            "rng": rng,
+            "config": OmegaConf.to_container(cfg, resolve=True),
+        }
+        path = checkpoint_path(folder, progress.step)
+        atomic_save(state, path)
+        prune_checkpoints(folder, cfg.train.keep_ckpts)
+        logger.info("checkpoint %s", path)
+    accelerator.wait_for_everyone()
+
+
+def load_det_checkpoint(path: Path, accelerator, model, ema, optimizer, scheduler, total_steps: int
+                        ) -> tuple[Progress, dict]:
+    """Weights, optimizer, schedule and progress in place; this process's RNG state is returned for the
+    caller to restore once nothing else will draw from it."""
+    state = load_checkpoint(path)
+    if state.get("total_steps") != total_steps:
+        raise SystemExit(f"error: {path} belongs to a run of {state.get('total_steps')} steps but this recipe plans "
+                         f"{total_steps}; resume with the same recipe, epochs/steps and batch size")
+    load_state_strict(accelerator.unwrap_model(model), state["model"], f"checkpoint {path} (model)")
+    ema.module.load_state_dict(state["ema"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if accelerator.scaler is not None and state.get("scaler"):
+        accelerator.scaler.load_state_dict(state["scaler"])
+    rank = accelerator.process_index
+    rng = state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0]
+    mine = state["progress"][rank] if rank < len(state["progress"]) else state["progress"][0]
+    logger.info("resumed from %s at step %d", path, mine["step"])
+    return Progress(**mine), rng
+
+
+if __name__ == "__main__":
+    main()
