@@ -37,7 +37,8 @@ class StudentConfig:
     drop_rate: float = 0.0  # dropout before the classifier only, as in the paper
     drop_path_rate: float = 0.0
     channels_last: bool = False
-    compile: bool = False
+    compile: bool = False  # torch.compile in place: DDP wraps the compiled module, checkpoint keys stay plain
+    compile_backend: str = "inductor"  # torch.compile's backend ("eager" / "aot_eager" to debug)
 
 
 @dataclass
@@ -113,8 +114,9 @@ class TrainConfig:
 @dataclass
 class PretrainConfig:
     recipe: str = ""
-    output_dir: Optional[str] = None  # default: runs/<recipe>
+    output_dir: Optional[str] = None  # default: runs/<recipe> (runs/<recipe>-2, ... when that holds a run)
     resume: Optional[str] = None  # "auto": newest checkpoint in output_dir; or a checkpoint path
+    overwrite: bool = False  # start afresh in an output_dir that holds an earlier run, deleting its files
     student: StudentConfig = field(default_factory=StudentConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -245,10 +247,7 @@ def load_config(
 
 
 def load_pretrain_config(argv: Sequence[str], recipe_dir: Path = RECIPE_DIR) -> DictConfig:
-    cfg = load_config(PretrainConfig, argv, recipe_dir, PRETRAIN_CHOICES)
-    if cfg.output_dir is None:
-        cfg.output_dir = str(Path("runs") / Path(cfg.recipe).stem)
-    return cfg
+    return load_config(PretrainConfig, argv, recipe_dir, PRETRAIN_CHOICES)
 
 
 def save_config(cfg: DictConfig, path: Path) -> None:
@@ -261,12 +260,13 @@ def exit_on_user_error(fn):
     """Decorator for entry points: a mistake in the recipe, a missing file, a checkpoint that does not fit or
     a run stopped by non-finite losses prints one clear message (exit status 2), not a deep traceback."""
     from distill.engine.checkpoint import CheckpointMismatch
+    from distill.engine.distributed import LaunchError
     from distill.losses import NonFiniteLoss
 
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, CheckpointMismatch, FileNotFoundError, NonFiniteLoss) as e:
+        except (ConfigError, CheckpointMismatch, FileNotFoundError, NonFiniteLoss, LaunchError) as e:
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -22,15 +24,17 @@ from distill.data.mix import DataMix
 from distill.data.mixup import mixup_batch
 from distill.data.synthetic import ensure_demo_dataset
 from distill.engine.checkpoint import atomic_write_text, resolve_resume
+from distill.engine.distributed import start_processes
 from distill.engine.evaluate import evaluate_topk
+from distill.engine.guards import UpdateGuard, weight_checksums
 from distill.engine.logging import make_accelerator
 from distill.engine.optim import build_optimizer, warmup_cosine
-from distill.engine.rng import seed_everything
-from distill.engine.state import Progress, load_pretrain_checkpoint, save_pretrain_checkpoint
-from distill.engine.teachers import build_teacher
-from distill.engine.guards import update_is_finite, weight_checksums
 from distill.engine.plan import plan_steps
-from distill.losses import NonFiniteLoss, dense_from_topk, distillation_loss, soften
+from distill.engine.rng import restore_rng, seed_everything, seed_process
+from distill.engine.run_dir import choose_run_dir
+from distill.engine.state import ProcessState, Progress, load_pretrain_checkpoint, save_pretrain_checkpoint
+from distill.engine.teachers import build_teacher
+from distill.losses import dense_from_topk, distillation_loss, soften
 from distill.models.factory import create_model, input_spec
 from distill.models.teacher import InputAdapter
 
@@ -40,10 +44,11 @@ logger = logging.getLogger("distill")
 @exit_on_user_error
 def main(argv=None) -> dict:
     cfg = load_pretrain_config(sys.argv[1:] if argv is None else argv)
-    out = Path(cfg.output_dir)
+    start_processes()
+    out = choose_run_dir(cfg.output_dir, Path("runs") / Path(cfg.recipe).stem, cfg.resume, cfg.overwrite)
+    cfg.output_dir = str(out)
     accelerator = make_accelerator(cfg.train.precision, cfg.optim.grad_accum, out, cfg.train.trackers)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    seed_everything(cfg.train.seed)  # the same initial weights on every process
     if accelerator.is_main_process and cfg.data.generate == "demo":
         ensure_demo_dataset(Path(cfg.data.root) / "demo")
     accelerator.wait_for_everyone()
@@ -57,7 +62,9 @@ def main(argv=None) -> dict:
     total_steps, global_batch, warmup = plan_steps(cfg, mix, world)
     if accelerator.is_main_process:
         save_config(cfg, out / "config.yaml")
+    seed_everything(cfg.train.seed)
     teacher = None if offline or not cfg.loss.kd_weight else build_teacher(cfg, mix, accelerator, out)
+    seed_everything(cfg.train.seed)  # the student starts alike on every process, however the teacher was made
     student = create_model(
         cfg.student.name, cfg.student.num_classes, cfg.student.pretrained,
         cfg.student.drop_rate, cfg.student.drop_path_rate, cfg.student.checkpoint,
@@ -65,6 +72,8 @@ def main(argv=None) -> dict:
     student_input = InputAdapter(input_spec(student)).to(device)
     if cfg.student.channels_last:
         student = student.to(memory_format=torch.channels_last)
+    if cfg.student.compile:  # in place: DDP then wraps the compiled module and state-dict keys stay plain
+        student.compile(backend=cfg.student.compile_backend)
     from timm.utils import ModelEmaV3
 
     ema = ModelEmaV3(student, decay=cfg.train.ema_decay, use_warmup=cfg.train.ema_warmup)
@@ -72,92 +81,55 @@ def main(argv=None) -> dict:
     scheduler = warmup_cosine(optimizer, warmup, total_steps, cfg.optim.min_lr / cfg.optim.lr)
     student, optimizer = accelerator.prepare(student, optimizer)
     ema.to(device)
-    if cfg.student.compile:
-        student = torch.compile(student)
 
-    progress = Progress(source_counts=[0] * len(mix.source_names))
+    loader_shape = [world, cfg.data.num_workers]
+    progress, mine = Progress(), ProcessState([0] * len(mix.source_names), loader_shape=loader_shape)
     resume_from = resolve_resume(cfg.resume, out)
     if resume_from:
-        progress = load_pretrain_checkpoint(resume_from, accelerator, student, ema, optimizer, scheduler)
+        progress, mine = load_pretrain_checkpoint(resume_from, accelerator, student, ema, optimizer, scheduler,
+                                                  loader_shape)
+        mine.loader_shape = loader_shape
     loader = build_train_loader(
         mix, cfg.data.img_size, cfg.data.batch_size, cfg.data.num_workers, cfg.train.seed,
-        total_samples=total_steps * global_batch, start_sample=progress.samples, rank=rank, world_size=world,
+        total_samples=total_steps * global_batch, origin=progress.samples, rank=rank, world_size=world,
         with_keys=cfg.data.record_keys, soft_labels=offline,
     )
+    if mine.loader:
+        loader.load_state_dict(mine.loader)
+    step_parts = StepParts(accelerator, student, student_input, teacher, optimizer, scheduler, ema,
+                           UpdateGuard(accelerator, optimizer, cfg.train.max_bad_steps, progress.bad_steps,
+                                       progress.bad_in_row),
+                           torch.tensor(mix.mixup_flags, device=device), offline)
     key_log = (out / f"keys-rank{rank}.tsv").open("a") if cfg.data.record_keys else None
-    mixup_sources = torch.tensor(mix.mixup_flags, device=device)
     accelerator.init_trackers("pretrain")
+    if mine.rng:
+        restore_rng(mine.rng)
+    else:
+        seed_process(cfg.train.seed, rank)  # dropout, drop-path and mixup draws of this process's own
 
     # ---- loop -------------------------------------------------------------------------------------
     student.train()
     bar = tqdm(total=total_steps, initial=progress.step, desc="distill", disable=not accelerator.is_main_process)
-    source_counts = torch.tensor(progress.source_counts, device=device, dtype=torch.long)
-    skipped = torch.zeros((), device=device, dtype=torch.long)
     batches = iter(loader)
     while progress.step < total_steps:
-        for _ in range(cfg.optim.grad_accum):
-            batch = next(batches)
-            images = batch["image"].to(device, non_blocking=True).float().div_(255)
-            labels = batch["label"].to(device, non_blocking=True)
-            sources = batch["source"].to(device, non_blocking=True)
-            source_counts += torch.bincount(sources, minlength=len(source_counts))
-            skipped += batch["skipped"].to(device).sum()
-            if key_log:
-                key_log.writelines(f"{mix.source_names[s]}\t{k}\n" for s, k in zip(batch["source"].tolist(), batch["key"]))
-            images, partner, lam = mixup_batch(images, mixup_sources[sources])
-            if cfg.student.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with accelerator.accumulate(student):
-                if offline:
-                    targets = dense_from_topk(batch["soft_idx"].to(device), batch["soft_prob"].to(device),
-                                              cfg.student.num_classes, cfg.loss.temperature)
-                elif teacher is not None:
-                    with accelerator.autocast():
-                        targets = soften(teacher(images), cfg.loss.temperature)
-                else:
-                    targets = None
-                with accelerator.autocast():
-                    logits = student(student_input(images))
-                terms = distillation_loss(
-                    logits, targets, labels, partner, lam, cfg.loss.temperature,
-                    cfg.loss.kd_weight, cfg.loss.ce_weight, cfg.loss.label_smoothing,
-                )
-                accelerator.backward(terms["loss"])
-        grad_norm = accelerator.clip_grad_norm_(student.parameters(), cfg.optim.clip_grad or float("inf"))
-        if update_is_finite(accelerator, terms["loss"], grad_norm):
-            optimizer.step()
-            progress.bad_in_row = 0
-        else:
-            progress.bad_steps += 1
-            progress.bad_in_row += 1
-            logger.warning("non-finite loss at step %d: update skipped (%d in a row)", progress.step, progress.bad_in_row)
-            if progress.bad_in_row >= cfg.train.max_bad_steps:
-                raise NonFiniteLoss(
-                    f"{progress.bad_in_row} non-finite losses in a row at step {progress.step}; stopping "
-                    f"(train.max_bad_steps={cfg.train.max_bad_steps}). Lower optim.lr or check the data."
-                )
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        ema.update(accelerator.unwrap_model(student), step=progress.step)
+        micro_batches = [next(batches) for _ in range(cfg.optim.grad_accum)]
+        tally(mine, micro_batches, mix, key_log)  # host-side bookkeeping of the CPU batches
+        terms, grad_norm = distill_step(step_parts, micro_batches, cfg, progress.step)
         progress.step += 1
         progress.samples += global_batch
         bar.update(1)
 
         if progress.step % cfg.train.log_every == 0 or progress.step == total_steps:
-            metrics = {k: accelerator.reduce(v.detach().float(), reduction="mean").item() for k, v in terms.items()}
-            counts = accelerator.reduce(source_counts.clone(), reduction="sum")
-            weights = mix.weights_at(progress.samples / (total_steps * global_batch))
-            for i, name in enumerate(mix.source_names):
-                metrics[f"share/{name}"] = (counts[i] / counts.sum().clamp_min(1)).item()
-                metrics[f"weight/{name}"] = float(weights[i])
-            metrics |= {"lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "bad_steps": progress.bad_steps,
-                        "skipped_samples": int(accelerator.reduce(skipped.clone(), reduction="sum"))}
-            accelerator.log(metrics, step=progress.step)
+            progress.bad_steps, progress.bad_in_row = step_parts.guard.check(progress.step)
+            metrics = log_metrics(accelerator, mix, terms, grad_norm, scheduler, mine, progress,
+                                  progress.samples / (total_steps * global_batch))
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
         if progress.step % cfg.train.ckpt_every == 0 or progress.step == total_steps:
-            progress.source_counts = accelerator.reduce(source_counts.clone(), reduction="sum").tolist()
-            progress.skipped_samples = int(accelerator.reduce(skipped.clone(), reduction="sum"))
-            save_pretrain_checkpoint(out, accelerator, student, ema, optimizer, scheduler, progress, cfg,
+            progress.bad_steps, progress.bad_in_row = step_parts.guard.check(progress.step)
+            mine.loader = loader.state_dict()
+            if key_log:
+                key_log.flush()
+            save_pretrain_checkpoint(out, accelerator, student, ema, optimizer, scheduler, progress, mine, cfg,
                                      cfg.train.keep_ckpts)
         if cfg.train.eval_every and progress.step % cfg.train.eval_every == 0 and progress.step < total_steps:
             accelerator.log(evaluate(cfg, accelerator, student, student_input, ema, teacher), step=progress.step)
@@ -168,6 +140,7 @@ def main(argv=None) -> dict:
     checksums = weight_checksums(accelerator, student)
     results = evaluate(cfg, accelerator, student, student_input, ema, teacher)
     accelerator.log(results, step=progress.step)
+    source_counts = summed(accelerator, mine.source_counts)
     summary = {
         "recipe": cfg.recipe,
         "steps": progress.step,
@@ -176,9 +149,9 @@ def main(argv=None) -> dict:
         "student_top1": results["student_top1"],
         "student_ema_top1": results["student_ema_top1"],
         **results,
-        "skipped_samples": progress.skipped_samples,
+        "skipped_samples": summed(accelerator, [mine.skipped_samples])[0],
         "bad_steps": progress.bad_steps,
-        "source_counts": dict(zip(mix.source_names, progress.source_counts)),
+        "source_counts": dict(zip(mix.source_names, source_counts)),
         "process_weight_checksums": checksums,
     }
     if accelerator.is_main_process:
@@ -188,11 +161,98 @@ def main(argv=None) -> dict:
     return summary
 
 
+# --------------------------------------------------------------------------------------------------
+# The pieces the loop above names
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepParts:
+    accelerator: object
+    student: torch.nn.Module
+    student_input: torch.nn.Module
+    teacher: object  # FrozenTeacher, or None (offline mode, or no KD term)
+    optimizer: object
+    scheduler: object
+    ema: object
+    guard: UpdateGuard
+    mixup_sources: torch.Tensor  # bool per source: mixup applies to its samples
+    offline: bool
+
+
+def distill_step(p: StepParts, micro_batches: list[dict], cfg, step: int) -> tuple[dict, torch.Tensor]:
+    """One optimizer step over `grad_accum` micro-batches: mixup, teacher targets, student loss, backward,
+    clipping, a guarded update, schedule and EMA. Nothing here waits for the device (no host sync)."""
+    accelerator, device = p.accelerator, p.accelerator.device
+    for batch in micro_batches:
+        images = batch["image"].to(device, non_blocking=True).float().div_(255)
+        labels = batch["label"].to(device, non_blocking=True)
+        sources = batch["source"].to(device, non_blocking=True)
+        images, partner, lam = mixup_batch(images, p.mixup_sources[sources])
+        if cfg.student.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with accelerator.accumulate(p.student):
+            if p.offline:
+                targets = dense_from_topk(batch["soft_idx"].to(device), batch["soft_prob"].to(device),
+                                          cfg.student.num_classes, cfg.loss.temperature)
+            elif p.teacher is not None:
+                with accelerator.autocast():
+                    targets = soften(p.teacher(images), cfg.loss.temperature)
+            else:
+                targets = None
+            with accelerator.autocast():
+                logits = p.student(p.student_input(images))
+            terms = distillation_loss(
+                logits, targets, labels, partner, lam, cfg.loss.temperature,
+                cfg.loss.kd_weight, cfg.loss.ce_weight, cfg.loss.label_smoothing,
+            )
+            accelerator.backward(terms["loss"])
+    grad_norm = accelerator.clip_grad_norm_(p.student.parameters(), cfg.optim.clip_grad or float("inf"))
+    p.guard.step(terms["loss"], grad_norm)
+    p.optimizer.zero_grad(set_to_none=True)
+    p.scheduler.step()
+    p.ema.update(accelerator.unwrap_model(p.student), step=step)
+    return terms, grad_norm
+
+
+def tally(mine: ProcessState, micro_batches: list[dict], mix: DataMix, key_log) -> None:
+    """Per-source draws and skipped samples of this process, counted on the CPU batches before they move."""
+    for batch in micro_batches:
+        counts = np.bincount(batch["source"].numpy(), minlength=len(mine.source_counts))
+        mine.source_counts = [a + int(b) for a, b in zip(mine.source_counts, counts)]
+        mine.skipped_samples += int(batch["skipped"].sum())
+        if key_log:
+            key_log.writelines(f"{mix.source_names[s]}\t{k}\n" for s, k in zip(batch["source"].tolist(), batch["key"]))
+
+
+def summed(accelerator, values: list[int]) -> list[int]:
+    """Integer tallies summed over processes."""
+    return accelerator.reduce(torch.tensor(values, device=accelerator.device), reduction="sum").tolist()
+
+
+def log_metrics(accelerator, mix, terms, grad_norm, scheduler, mine: ProcessState, progress: Progress,
+                at: float) -> dict:
+    metrics = {k: accelerator.reduce(v.detach().float(), reduction="mean").item() for k, v in terms.items()}
+    counts = summed(accelerator, mine.source_counts + [mine.skipped_samples])
+    drawn, weights = counts[:-1], mix.weights_at(at)
+    for i, name in enumerate(mix.source_names):
+        metrics[f"share/{name}"] = drawn[i] / max(1, sum(drawn))
+        metrics[f"weight/{name}"] = float(weights[i])
+    metrics |= {"lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "bad_steps": progress.bad_steps,
+                "skipped_samples": counts[-1]}
+    accelerator.log(metrics, step=progress.step)
+    return metrics
+
+
 def evaluate(cfg, accelerator, student, student_input, ema, teacher) -> dict:
+    """Top-1/5 of student, EMA student and teacher on the validation shards, split by samples over the
+    processes. The bare student runs, not its DDP wrapper, whose forward would be a collective: a process with
+    fewer batches than another would then wait for ever."""
     if not cfg.data.val_shards:
         return {"student_top1": None, "student_ema_top1": None}
     student.eval()
-    models = {"student": lambda x: student(student_input(x)), "student_ema": lambda x: ema.module(student_input(x))}
+    bare = accelerator.unwrap_model(student)
+    models = {"student": lambda x: bare(student_input(x)), "student_ema": lambda x: ema.module(student_input(x))}
     if teacher is not None:
         models["teacher"] = teacher
     loader = build_eval_loader(

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from distill.data.loader import build_eval_loader, build_train_loader
-from distill.data.mix import DataMix, MixedStream
+from distill.data.mix import DataMix
+from distill.data.stream import MixedStream
 from distill.data.shards import encode_jpeg, write_shards
 from distill.data.synthetic import generate_classification
 
@@ -62,7 +63,7 @@ def test_sources_follow_a_schedule_and_resume_mid_schedule(root):
     # the share of `a` falls linearly from 0.9 to 0.1: 0.7 on average over the first half, 0.3 over the second
     assert abs((sources[: n // 2] == 0).mean() - 0.7) < tolerance
     assert abs((sources[n // 2:] == 0).mean() - 0.3) < tolerance
-    resumed = take(MixedStream(mix, IMG, seed=1, total_samples=n, start_sample=n // 2), n // 2)
+    resumed = take(MixedStream(mix, IMG, seed=1, total_samples=n, origin=n // 2), n // 2)
     assert abs(np.mean([s["source"] == 0 for s in resumed]) - 0.3) < tolerance
 
 
@@ -73,8 +74,8 @@ def test_ranks_and_workers_split_each_pass_exactly(root):
     keys = []
     for rank in range(2):
         loader = build_train_loader(mix, IMG, batch_size=1, num_workers=2, seed=0, total_samples=10**6,
-                                    rank=rank, world_size=2, shuffle_buffer=0, with_keys=True)
-        batches = take(loader, per_pass)  # 40 per worker: two passes over its 2 shards of 10
+                                    rank=rank, world_size=2, with_keys=True)
+        batches = take(loader, per_pass)  # 40 per process, 20 per worker: two passes over its share of 20
         keys.append([k for b in batches for k in b["key"]])
     first_pass = keys[0][: per_pass // 2] + keys[1][: per_pass // 2]
     second_pass = keys[0][per_pass // 2:] + keys[1][per_pass // 2:]
@@ -83,9 +84,10 @@ def test_ranks_and_workers_split_each_pass_exactly(root):
     assert first_pass != second_pass  # each pass reshuffles the shards
 
 
-def test_too_few_shards_for_the_readers_is_a_clear_error(root):
-    mix = make_mix(root, {"val": ("set/val", 1)})
-    with pytest.raises(ValueError, match=r"source 'val': 5 shards cannot be split over 2 processes x 3 loader workers"):
+def test_too_few_samples_for_the_readers_is_a_clear_error(tmp_path):
+    write_shards([(f"k{i}", np.full((8, 8, 3), 9, np.uint8), 0) for i in range(5)], tmp_path / "tiny")
+    mix = make_mix(tmp_path, {"tiny": ("tiny", 1)})
+    with pytest.raises(ValueError, match=r"source 'tiny': 5 samples cannot be shared by 2 processes x 3 loader workers"):
         build_train_loader(mix, IMG, 4, num_workers=3, seed=0, total_samples=100, rank=0, world_size=2)
 
 
@@ -96,16 +98,17 @@ def test_corrupt_samples_are_skipped_and_counted(root, tmp_path, caplog):
     write_shards(samples, tmp_path / "bad", maxcount=100)
     mix = make_mix(tmp_path, {"a": ("bad", 1)})
     with caplog.at_level(logging.WARNING):
-        out = take(MixedStream(mix, IMG, seed=0, total_samples=100, shuffle_buffer=0), 16)  # two passes
+        out = take(MixedStream(mix, IMG, seed=0, total_samples=100), 16)  # two passes
     assert all(s["label"] == 1 for s in out)
-    assert sum(s["skipped"] for s in out) == 2 and [s["skipped"] for s in out].count(1) == 2
+    skipped = [s["skipped"] for s in out]
+    assert 1 <= sum(skipped) <= 2  # once per pass met
     assert "'broken'" in caplog.text and "bad/shard-000000.tar" in caplog.text
 
 
 def test_shards_vanishing_mid_training_are_skipped(root, tmp_path, caplog):
     shutil.copytree(root / "set" / "train", tmp_path / "train")
     mix = make_mix(tmp_path, {"a": ("train", 1)})
-    stream = iter(MixedStream(mix, IMG, seed=0, total_samples=10**6, shuffle_buffer=0))
+    stream = iter(MixedStream(mix, IMG, seed=0, total_samples=10**6))
     seen = [next(stream) for _ in range(5)]
     (tmp_path / "train" / "shard-000003.tar").unlink()
     data = (tmp_path / "train" / "shard-000005.tar").read_bytes()
@@ -126,7 +129,7 @@ def test_eval_loader_sees_every_sample_once(root, world_size, workers):
             assert batch["image"].dtype == torch.uint8 and batch["image"].shape[1:] == (3, IMG, IMG)
             assert batch["label"].shape == batch["image"].shape[:1]
             keys += batch["key"]
-    assert len(keys) == 48 and len(set(keys)) == 48  # ranks without a shard (world 8) finish with none
+    assert len(keys) == 48 and len(set(keys)) == 48  # split by samples: 8 processes share 5 shards
 
 
 def test_train_loader_batches(root):
@@ -155,9 +158,9 @@ def test_offline_soft_labels_come_with_their_views(tmp_path):
             sink.write(sample)
     mix = make_mix(tmp_path, {"views": ("views", 1)})
     loader = build_train_loader(mix, IMG, batch_size=5, num_workers=0, seed=0, total_samples=100,
-                                shuffle_buffer=0, soft_labels=True, with_keys=True)
+                                soft_labels=True, with_keys=True)
     batch = next(iter(loader))
     assert batch["soft_idx"].dtype == torch.long and batch["soft_idx"].shape == (5, 3)
     assert batch["soft_prob"].dtype == torch.float32 and torch.allclose(batch["soft_prob"].sum(1), torch.ones(5))
-    assert batch["key"] == ["v0", "v1", "v2", "v4", "v5"] and batch["skipped"].sum() == 1
-    assert batch["soft_idx"][:, 0].tolist() == [0, 1, 2, 4, 5]
+    assert sorted(batch["key"]) == ["v0", "v1", "v2", "v4", "v5"] and batch["skipped"].sum() == 1
+    assert batch["soft_idx"][:, 0].tolist() == [int(k[1:]) for k in batch["key"]]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import random
 from typing import Any, Callable, Optional
 
 import albumentations as A
@@ -59,11 +60,16 @@ class Augment:
 
     def __init__(self, name: str, transforms: list, seed: Optional[int] = None):
         self.name = name
-        self.pipeline = A.Compose(transforms, seed=seed)
+        self.pipeline = A.Compose(transforms)
+        # One generator pair shared by every transform: albumentations' own seeding gives each transform a
+        # generator seeded alike, so the draws of different transforms (crop size, flip, op choice) correlate.
+        self.pipeline.set_random_state(np.random.default_rng(seed), random.Random(seed))
 
     def reseed(self, seed: int) -> None:
-        """Give this copy its own random stream (each loader worker must, or they augment alike)."""
-        self.pipeline.set_random_seed(seed)
+        """Restart the random stream from `seed`, in place (about 10 us): the stream seeds it per sample, so a
+        sample's augmentation depends on its position alone."""
+        self.pipeline.random_generator.bit_generator.state = np.random.PCG64(seed).state
+        self.pipeline.py_random.seed(seed)
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         out = self.pipeline(image=image)["image"]

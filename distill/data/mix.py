@@ -13,27 +13,17 @@ Shard paths resolve against the data root. With a schedule, the sources' own `we
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
-import torch
 import yaml
-from torch.utils.data import IterableDataset, get_worker_info
 
 from distill.data.augment import check_augment, create_augment
-from distill.data.shards import (
-    SkipCounter,
-    decode_sample,
-    decode_soft_labels,
-    expand_shards,
-    iter_shard,
-    read_manifest,
-)
+from distill.data.shards import expand_shards, read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -231,120 +221,3 @@ def _parse_schedule(raw: Any, names: list[str], fail) -> list[tuple[float, np.nd
             fail(f"{key}.weights", "all weights are zero; at least one source must have a positive weight")
         points.append((float(at), w))
     return points
-
-
-# --------------------------------------------------------------------------------------------------
-# The training stream
-# --------------------------------------------------------------------------------------------------
-
-
-class MixedStream(IterableDataset):
-    """An endless stream of augmented samples, each drawn from a source with the mix's weights at the
-    current training progress. Yields {"image": CHW uint8 tensor, "label", "source", "skipped"}.
-
-    Each source's shards are split over (rank, worker) per pass, after a seeded shuffle that every worker
-    repeats identically, so no sample is seen twice in one pass over a source. The sample index, hence the
-    progress, follows from (start_sample, rank, worker, local count) alone: no communication, and a resumed
-    run continues the schedule at `start_sample`.
-
-    Corrupt samples and unreadable shards are skipped; "skipped" counts those met since the previous yielded
-    sample of this worker, so summing it over batches counts them all. `shuffle_buffer` mixes samples across
-    shard boundaries (raw bytes, per source; 0 keeps shard order); `with_keys` adds each sample's "key";
-    `soft_labels` adds the stored offline teacher labels "soft_idx" (int64 (k,)) and "soft_prob" (float32 (k,)),
-    and a sample without them counts as corrupt.
-    """
-
-    MAX_CONSECUTIVE_FAILURES = 1000  # a source this broken is an error, not a few bad samples
-
-    def __init__(self, mix: DataMix, img_size: int, seed: int, total_samples: int, start_sample: int = 0,
-                 rank: int = 0, world_size: int = 1, num_workers: Optional[int] = None,
-                 shuffle_buffer: int = 256, block: int = 1024, with_keys: bool = False, soft_labels: bool = False):
-        super().__init__()
-        if total_samples <= 0:
-            raise ValueError(f"total_samples must be positive, got {total_samples}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world_size {world_size}")
-        self.mix, self.img_size, self.seed = mix, img_size, int(seed)
-        self.total_samples, self.start_sample = int(total_samples), int(start_sample)
-        self.rank, self.world_size = rank, world_size
-        self.shuffle_buffer, self.block, self.with_keys = shuffle_buffer, block, with_keys
-        self.soft_labels = soft_labels
-        self.shards = [mix.shard_paths(n) for n in mix.source_names]  # resolve now: errors surface early
-        if num_workers is not None:
-            self._check_split(max(1, num_workers))
-
-    def _check_split(self, num_workers: int) -> None:
-        readers = self.world_size * num_workers
-        for name, shards in zip(self.mix.source_names, self.shards):
-            if len(shards) < readers:
-                raise ValueError(
-                    f"data mix {self.mix.path}, source {name!r}: {len(shards)} shards cannot be split over "
-                    f"{self.world_size} processes x {num_workers} loader workers = {readers} readers; "
-                    f"write the source as at least {readers} shards or use fewer workers"
-                )
-
-    def _raw(self, s: int, reader: int, readers: int, rng: np.random.Generator, skips: SkipCounter) -> Iterator[dict]:
-        """Raw samples of source `s` for this reader, pass after pass, through a small shuffle buffer."""
-        shards, buffer = self.shards[s], []
-        for epoch in itertools.count():
-            # The same permutation on every reader: their slices partition the pass.
-            order = np.random.default_rng([self.seed, s, self.start_sample, epoch]).permutation(len(shards))
-            seen = 0
-            for i in order[reader::readers]:
-                for sample in iter_shard(shards[i], skips):
-                    seen += 1
-                    if self.shuffle_buffer <= 0:
-                        yield sample
-                        continue
-                    if len(buffer) < self.shuffle_buffer:
-                        buffer.append(sample)
-                        continue
-                    j = int(rng.integers(len(buffer)))
-                    buffer[j], sample = sample, buffer[j]
-                    yield sample
-            if seen == 0:
-                raise RuntimeError(f"data mix {self.mix.path}, source {self.mix.source_names[s]!r}: a whole pass "
-                                   f"over this reader's shards gave no samples (all missing or unreadable)")
-
-    def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        self._check_split(workers)
-        reader, readers = self.rank * workers + worker, self.world_size * workers
-        rng = np.random.default_rng([self.seed, reader, self.start_sample])
-        skips = SkipCounter()
-        augments = []
-        for s, src in enumerate(self.mix.sources):
-            params = {k: v for k, v in src.augment.items() if k != "name"}
-            augments.append(create_augment(src.augment["name"], self.img_size,
-                                           seed=int(rng.integers(2**31)), **params))
-        raws = [self._raw(s, reader, readers, rng, skips) for s in range(len(self.mix.sources))]
-
-        local, reported = 0, 0
-        while True:
-            # Draw the sources of the next block of samples at once, each at its own progress.
-            index = self.start_sample + (local + np.arange(self.block)) * readers + reader
-            cum = np.cumsum(self.mix.weights_at(index / self.total_samples), axis=1)
-            choice = (rng.random((self.block, 1)) * cum[:, -1:] >= cum).sum(axis=1)
-            for s in choice.tolist():
-                s = min(s, len(raws) - 1)
-                for _ in range(self.MAX_CONSECUTIVE_FAILURES):
-                    sample = next(raws[s])
-                    try:
-                        image, label = decode_sample(sample)
-                        soft = decode_soft_labels(sample) if self.soft_labels else None
-                        chw = augments[s](image)
-                        break
-                    except Exception as exc:  # one bad sample never ends a run; it is counted instead
-                        skips(exc)
-                else:
-                    raise RuntimeError(f"data mix {self.mix.path}, source {self.mix.source_names[s]!r}: "
-                                       f"{self.MAX_CONSECUTIVE_FAILURES} consecutive samples failed to decode")
-                out = {"image": torch.from_numpy(chw), "label": label, "source": s, "skipped": skips.count - reported}
-                if soft is not None:
-                    out["soft_idx"], out["soft_prob"] = torch.from_numpy(soft[0]), torch.from_numpy(soft[1])
-                if self.with_keys:
-                    out["key"] = sample["__key__"]
-                yield out
-                reported = skips.count
-                local += 1

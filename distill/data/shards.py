@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import os
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -173,6 +174,119 @@ class SkipCounter:
             more = " (further ones are counted, not logged)" if self.warned == self.max_warnings else ""
             logger.warning("skipping unreadable data: %s%s", exc, more)
         return True
+
+
+# A tar header is 512 bytes; member data follows, padded to 512. The plain ustar layout is parsed here, which
+# is ten times faster than `tarfile` and lets a reader seek to the n-th sample of a shard; archives with
+# extended (pax / GNU long-name) headers go through `tarfile` instead.
+_BLOCK = 512
+_PLAIN_TYPES = (b"0", b"\0", b"")
+_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's split: the key ends at the basename's first dot
+
+
+def _plain_members(f, offset: int = 0) -> Iterator[tuple[int, str, int, int]]:
+    """(header offset, name, data offset, data size) of the regular files of an open tar, from `offset` on.
+    Raises _NotPlain at a header this parser does not handle, OSError / ValueError on a damaged archive."""
+    while True:
+        f.seek(offset)
+        header = f.read(_BLOCK)
+        if len(header) < _BLOCK:
+            if header:
+                raise OSError(f"truncated tar header at byte {offset}")
+            return
+        if header.count(0) == _BLOCK:
+            return
+        kind = header[156:157]
+        size_field = header[124:136]
+        if size_field[:1] == b"\x80":  # base-256 size (members over 8 GB)
+            size = int.from_bytes(size_field[1:], "big")
+        else:
+            size = int(size_field.rstrip(b"\0 ") or b"0", 8)
+        if kind not in _PLAIN_TYPES and kind != b"5":
+            raise _NotPlain(kind)
+        name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
+        if prefix:
+            name = prefix.decode("utf-8", "surrogateescape") + "/" + name
+        data = offset + _BLOCK
+        if kind != b"5":
+            yield offset, name, data, size
+        offset = data + (size + _BLOCK - 1) // _BLOCK * _BLOCK
+
+
+class _NotPlain(Exception):
+    pass
+
+
+def _members(f, path: str, offset: int = 0) -> Iterator[tuple[int, str, int, int]]:
+    try:
+        yield from _plain_members(f, offset)
+    except _NotPlain:
+        import tarfile
+
+        with tarfile.open(path, "r:") as tf:
+            for m in tf:
+                if m.isfile() and m.offset >= offset:
+                    yield m.offset, m.name, m.offset_data, m.size
+
+
+def _split_name(name: str) -> Optional[tuple[str, str]]:
+    match = _KEY_EXT.match(name)
+    return (match.group(1), match.group(2).lower()) if match else None
+
+
+def sample_offsets(path: str) -> np.ndarray:
+    """Byte offsets of the first header of each sample of a shard, in order (a sample: consecutive members
+    that share a key). A damaged shard gives the samples before the damage."""
+    starts, last = [], None
+    try:
+        with open(path, "rb") as f:
+            for header, name, _, _ in _members(f, path):
+                parts = _split_name(name)
+                if parts and parts[0] != last:
+                    starts.append(header)
+                    last = parts[0]
+    except (OSError, ValueError, EOFError) as exc:
+        logger.warning("shard %s: readable up to sample %d (%s)", path, len(starts), exc)
+    return np.asarray(starts, dtype=np.int64)
+
+
+def read_samples(path: str, offset: int, count: int) -> Iterator[dict]:
+    """Up to `count` raw samples (`__key__`, `__url__`, one bytes entry per extension) of a shard, from the
+    sample whose first header is at byte `offset`. Stops early, raising OSError, where the file is damaged."""
+    with open(path, "rb") as f:
+        sample: dict = {}
+        for _, name, data, size in _members(f, path, offset):
+            parts = _split_name(name)
+            if parts is None:
+                continue
+            key, ext = parts
+            if sample and sample["__key__"] != key:
+                yield sample
+                count -= 1
+                sample = {}
+            if count <= 0:
+                return
+            if not sample:
+                sample = {"__key__": key, "__url__": path}
+            f.seek(data)
+            sample[ext] = f.read(size)
+            if len(sample[ext]) != size:
+                raise OSError(f"{path}: member {name} is cut short")
+        if sample and count > 0:
+            yield sample
+
+
+def shard_sizes(paths: Sequence[str]) -> list[int]:
+    """Samples per shard: from the manifests beside them, else by reading the shard's headers (slower)."""
+    manifest = read_manifest(list(paths))
+    if manifest is not None:
+        return [int(s["num_samples"]) for s in manifest["shards"]]
+    sizes = []
+    for path in paths:
+        counts = read_manifest([path])
+        sizes.append(int(counts["num_samples"]) if counts else len(sample_offsets(path)))
+    return sizes
 
 
 def iter_shard(url: str, on_error: Callable[[Exception], bool]) -> Iterator[dict]:

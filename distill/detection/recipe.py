@@ -98,8 +98,9 @@ class DetEvalConfig:
 @dataclass
 class DetConfig:
     recipe: str = ""
-    output_dir: Optional[str] = None  # default: runs/<recipe>
+    output_dir: Optional[str] = None  # default: runs/<recipe> (runs/<recipe>-2, ... when that holds a run)
     resume: Optional[str] = None  # "auto": newest checkpoint in output_dir; or a checkpoint path
+    overwrite: bool = False  # start afresh in an output_dir that holds an earlier run, deleting its files
     model: DetModelConfig = field(default_factory=DetModelConfig)
     data: DetDataConfig = field(default_factory=DetDataConfig)
     optim: DetOptimConfig = field(default_factory=DetOptimConfig)
@@ -121,6 +122,4 @@ def load_det_config(argv: Sequence[str], recipe_dir: Path = RECIPE_DIR) -> DictC
     bad = [s for s in list(cfg.data.multiscale) + [cfg.data.img_size] if s <= 0 or s % 32]
     if bad:
         raise ConfigError(f"data.img_size / data.multiscale must be positive multiples of 32, got {bad}")
-    if cfg.output_dir is None:
-        cfg.output_dir = str(Path("runs") / Path(cfg.recipe).stem)
     return cfg

@@ -1,12 +1,16 @@
 """Checkpoints: written atomically (temporary file in the same folder, fsync, rename), found by step.
 
 A checkpoint is one `torch.save` file `ckpt-<step>.pt` holding plain state dicts; which keys it holds is
-up to the caller (pretraining and detection store different things). Loading a state dict into a model
-that does not match names the missing, unexpected and mis-shaped keys.
+up to the caller (pretraining and detection store different things). Every checkpoint, resume file and
+teacher is read with `weights_only=True`: tensors and plain containers only, so a file from elsewhere cannot
+run code when it is opened. Loading a state dict into a model that does not match names the missing,
+unexpected and mis-shaped keys. Files get the permissions of any file the user creates (not mkstemp's 0600),
+so a team can read a shared run folder.
 """
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import tempfile
 from pathlib import Path
@@ -18,7 +22,13 @@ CKPT_PATTERN = re.compile(r"ckpt-(\d+)\.pt$")
 
 
 class CheckpointMismatch(ValueError):
-    """A state dict that does not fit the model it is loaded into."""
+    """A state dict that does not fit the model it is loaded into, or a file that is not a safe checkpoint."""
+
+
+def _file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -30,6 +40,7 @@ def _atomic_write(path: Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -57,15 +68,25 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def prune_checkpoints(folder: Path, keep: int) -> None:
+def prune_checkpoints(folder: Path, keep: int, just_written: Optional[Path] = None) -> None:
+    """Keep the newest `keep` checkpoints, and always the one just written."""
     for old in list_checkpoints(folder)[:-keep] if keep > 0 else []:
-        old.unlink(missing_ok=True)
+        if just_written is None or old.resolve() != Path(just_written).resolve():
+            old.unlink(missing_ok=True)
 
 
-def load_checkpoint(path: Path) -> dict:
+def load_checkpoint(path: Path, mmap: bool = False) -> dict:
+    """A checkpoint's contents, read with `weights_only=True`; anything else is refused with a clear error."""
     path = Path(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        detail = str(e).split("\n\n")[1] if "\n\n" in str(e) else str(e).splitlines()[0]
+        raise CheckpointMismatch(
+            f"refusing to load {path}: it holds Python objects beyond tensors and plain containers, and "
+            f"unpickling them could run code ({detail.strip()[:300]}). If you trust the file, re-save its "
+            f"state dict alone (torch.save(obj['state_dict'], ...)) or as safetensors."
+        ) from None
     except Exception as e:
         raise CheckpointMismatch(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
 
@@ -81,9 +102,9 @@ def resolve_resume(resume: Optional[str], folder: Path) -> Optional[Path]:
         return path
     for path in reversed(list_checkpoints(folder)):
         try:
-            torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            load_checkpoint(path, mmap=True)
             return path
-        except Exception:
+        except CheckpointMismatch:
             continue  # a truncated file from a crash outside the atomic write; try the older one
     return None
 

@@ -6,18 +6,59 @@ import logging
 
 import torch
 
+from distill.losses import NonFiniteLoss
+
 logger = logging.getLogger("distill")
 
 
-def update_is_finite(accelerator, loss, grad_norm) -> bool:
-    """Whether to apply this step's update; the same answer on every process.
+class UpdateGuard:
+    """Applies an optimizer step unless the gradients are non-finite, and counts the skipped steps.
 
-    One host sync per optimizer step. Without a grad scaler the process-averaged gradient norm decides; with
-    fp16's scaler, inf gradients are its own business (it skips and lowers the scale), so the loss decides.
+    The decision is the same on every process (the gradient norm is that of the all-reduced gradients) and is
+    taken on the device: fused AdamW takes a `found_inf` flag and then leaves parameters and its own state as
+    they were, so no host sync is needed per step. With fp16's grad scaler the scaler skips inf steps itself;
+    with an optimizer that has no fused kernel the flag is read on the host (one sync per step). The counts
+    live on the device and are read by `check` at log and checkpoint steps, which also stops the run after
+    `max_in_row` skipped steps in a row.
     """
-    if accelerator.scaler is None:
-        return bool(torch.isfinite(grad_norm))
-    return bool(torch.isfinite(accelerator.reduce(loss.detach().float(), reduction="sum")))
+
+    def __init__(self, accelerator, optimizer, max_in_row: int, bad_steps: int = 0, bad_in_row: int = 0):
+        self.accelerator, self.optimizer, self.max_in_row = accelerator, optimizer, max_in_row
+        self.inner = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's wrapper
+        self.on_device = bool(self.inner.defaults.get("fused")) and accelerator.scaler is None
+        device = accelerator.device
+        self.counts = torch.tensor([bad_steps, bad_in_row, bad_in_row], device=device)  # total, in a row, worst row
+        self.reported = bad_steps
+
+    def step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        if self.accelerator.scaler is not None:
+            bad = ~torch.isfinite(loss.detach()).all()
+            self.optimizer.step()
+        elif self.on_device:
+            bad = ~torch.isfinite(grad_norm)
+            self.inner.found_inf = bad.float()
+            self.optimizer.step()
+        else:
+            bad = ~torch.isfinite(grad_norm)
+            if not bool(bad):  # the one host sync of this path
+                self.optimizer.step()
+        bad = bad.long()
+        total, row, worst = self.counts.unbind()
+        row = (row + bad) * bad
+        self.counts = torch.stack([total + bad, row, torch.maximum(worst, row)])
+
+    def check(self, step: int) -> tuple[int, int]:
+        """(skipped steps in all, skipped in a row now); raises NonFiniteLoss past `max_in_row` in a row."""
+        total, row, worst = self.counts.tolist()
+        if worst >= self.max_in_row:
+            raise NonFiniteLoss(
+                f"{worst} non-finite updates in a row by step {step}; stopping (train.max_bad_steps="
+                f"{self.max_in_row}). Lower optim.lr or check the data."
+            )
+        if total > self.reported:
+            logger.warning("%d updates skipped for non-finite gradients by step %d (%d in a row now)", total, step, row)
+            self.reported = total
+        return total, row
 
 
 def weight_checksums(accelerator, student) -> list[float]:

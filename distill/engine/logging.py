@@ -57,7 +57,12 @@ def resolve_precision(precision: str) -> str:
 def make_accelerator(
     precision: str, grad_accum: int, output_dir: str | Path, trackers: Sequence[str] = ("tensorboard", "jsonl")
 ) -> Accelerator:
+    from distill.engine.distributed import start_processes
+
+    start_processes()  # one run of all launched processes (gloo without CUDA), or a clear stop
     log_with = [JsonlTracker("run", str(output_dir)) if t == "jsonl" else t for t in trackers]
+    if torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest kernels once
     accelerator = Accelerator(
         mixed_precision=resolve_precision(precision),
         gradient_accumulation_steps=grad_accum,

@@ -16,9 +16,16 @@ def build_optimizer(
     eps: float = 1e-8,
 ) -> torch.optim.AdamW:
     """A module gets timm's split (1-D parameters, i.e. norms and biases, free of decay); param groups
-    pass through as given, so a caller can set per-group learning rates (a slower backbone, say)."""
+    pass through as given, so a caller can set per-group learning rates (a slower backbone, say).
+
+    The fused kernel is used wherever torch has it (CUDA and CPU): one kernel for all parameters, and it can
+    skip a step on the device (`found_inf`) with no host sync, which the update guard relies on."""
     groups = param_groups_weight_decay(params, weight_decay) if isinstance(params, torch.nn.Module) else params
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    groups = [dict(g) for g in groups]
+    try:
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, ValueError):  # a parameter type or device without the fused kernel
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
 
 
 def warmup_cosine(

@@ -2,15 +2,19 @@
 (the embedded demo does this)."""
 from __future__ import annotations
 
+import hashlib
 import logging
 from itertools import islice
+from typing import Optional
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from distill.engine.checkpoint import atomic_save
+from distill.engine.checkpoint import atomic_save, load_checkpoint
+from distill.engine.distributed import broadcast_from_main
+from distill.engine.rng import seed_process
 from distill.engine.optim import build_optimizer, warmup_cosine
 from distill.data.loader import build_train_loader
 from distill.models.factory import create_model, input_spec
@@ -19,12 +23,36 @@ from distill.models.teacher import InputAdapter, create_teacher
 logger = logging.getLogger("distill")
 
 
-def fit_supervised(model, loader, steps: int, lr: float, accelerator, out_path: Path) -> None:
-    """Cross-entropy on labels for `steps` steps; the weights are saved to `out_path` (main process)."""
+def fit_fingerprint(cfg, mix, processes: int) -> dict:
+    """What a fitted teacher depends on: a `teacher.pt` fitted under other settings is not reused."""
+    t = cfg.teacher
+    mix_text = mix.path.read_text() if mix.path is not None else repr(mix.sources)
+    return {"name": t.name, "num_classes": cfg.student.num_classes, "fit_steps": t.fit_steps, "fit_lr": t.fit_lr,
+            "img_size": cfg.data.img_size, "batch_size": cfg.data.batch_size, "processes": processes,
+            "seed": cfg.train.seed, "data_root": str(cfg.data.root),
+            "mix": hashlib.sha256(mix_text.encode()).hexdigest()[:16]}
+
+
+def _fitted_with(path: Path, fingerprint: dict) -> bool:
+    if not path.exists():
+        return False
+    saved = load_checkpoint(path).get("fingerprint")
+    if saved != fingerprint:
+        logger.warning("%s was fitted with other settings (%s): fitting the teacher again", path,
+                       {k: v for k, v in (saved or {}).items() if fingerprint.get(k) != v})
+        return False
+    return True
+
+
+def fit_supervised(model, loader, steps: int, lr: float, accelerator, out_path: Path,
+                   fingerprint: Optional[dict] = None, seed: int = 0) -> None:
+    """Cross-entropy on labels for `steps` steps; the weights (and the settings they were fitted with) are
+    saved to `out_path` (main process)."""
     prepare = InputAdapter(input_spec(model)).to(accelerator.device)
     optimizer = build_optimizer(model, lr=lr, weight_decay=0.05)
     scheduler = warmup_cosine(optimizer, warmup_steps=steps // 20, total_steps=steps)
     model, optimizer = accelerator.prepare(model, optimizer)
+    seed_process(seed, accelerator.process_index)
     model.train()
     bar = tqdm(islice(loader, steps), total=steps, desc="teacher", disable=not accelerator.is_main_process)
     for i, batch in enumerate(bar):
@@ -40,7 +68,7 @@ def fit_supervised(model, loader, steps: int, lr: float, accelerator, out_path: 
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     model = accelerator.unwrap_model(model).eval()
     if accelerator.is_main_process:
-        atomic_save({"model": model.state_dict()}, out_path)
+        atomic_save({"model": model.state_dict(), "fingerprint": fingerprint}, out_path)
         logger.info("teacher trained for %d steps, saved to %s", steps, out_path)
     accelerator.wait_for_everyone()
 
@@ -56,14 +84,17 @@ def build_teacher(cfg, mix, accelerator, out: Path):
                 "or teacher.fit_steps=N to train one on labels first"
             )
         checkpoint = str(out / "teacher.pt")
-        if not Path(checkpoint).exists():
+        fingerprint = fit_fingerprint(cfg, mix, accelerator.num_processes)
+        fitted = _fitted_with(Path(checkpoint), fingerprint) if accelerator.is_main_process else None
+        if not broadcast_from_main(fitted):  # one decision for all processes
             model = create_model(t.name, num_classes=cfg.student.num_classes)
             loader = build_train_loader(
                 mix, cfg.data.img_size, cfg.data.batch_size, cfg.data.num_workers, cfg.train.seed + 1,
                 total_samples=t.fit_steps * cfg.data.batch_size * accelerator.num_processes,
                 rank=accelerator.process_index, world_size=accelerator.num_processes,
             )
-            fit_supervised(model, loader, t.fit_steps, t.fit_lr, accelerator, Path(checkpoint))
+            fit_supervised(model, loader, t.fit_steps, t.fit_lr, accelerator, Path(checkpoint), fingerprint,
+                           cfg.train.seed + 1)
     teacher = create_teacher(t.name, t.pretrained and not checkpoint, checkpoint, cfg.student.num_classes,
                              t.img_size, t.mean, t.std)
     if teacher.num_classes != cfg.student.num_classes:

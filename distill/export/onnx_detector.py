@@ -33,8 +33,8 @@ def is_detection_source(source: str | Path) -> bool:
     if not path.is_file():
         return False
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception:
+        obj = load_checkpoint(path, mmap=True)
+    except CheckpointMismatch:
         return False  # unreadable: the student loader reports it with the file's name
     config = obj.get("config") if isinstance(obj, dict) else None
     model_cfg = config.get("model") if isinstance(config, dict) else None

@@ -1,0 +1,40 @@
+"""The processes of a run: started once, checked to form one run, and a way to share a decision among them."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+
+class LaunchError(RuntimeError):
+    """The processes do not form the run they were launched as."""
+
+
+def start_processes():
+    """Accelerate's process state for this launch, the same one every Accelerator of the run reuses.
+
+    Launched as several processes (torchrun, accelerate launch) on a machine without CUDA, the processes join
+    one gloo group: Accelerate would otherwise start each as a single-process run of its own, N copies that
+    all train and write into one folder. A launch whose processes still do not form one run stops here."""
+    from accelerate import PartialState
+
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    state = PartialState(cpu=launched > 1 and not torch.cuda.is_available())
+    if state.num_processes != launched:
+        raise LaunchError(
+            f"launched as {launched} processes (WORLD_SIZE) but they formed a run of {state.num_processes}; "
+            f"check the launcher's settings (accelerate config, MASTER_ADDR / MASTER_PORT)"
+        )
+    return state
+
+
+def broadcast_from_main(value: Any) -> Any:
+    """The main process's `value`, on every process (a picklable object)."""
+    from accelerate.utils import broadcast_object_list
+
+    from accelerate import PartialState
+
+    if PartialState().num_processes == 1:
+        return value
+    return broadcast_object_list([value], from_process=0)[0]

@@ -1,0 +1,163 @@
+"""The pretraining entry point as a small cluster: several gloo processes on the CPU with the hard cases at once.
+
+4 processes x 2 loader workers, more processes than validation shards, a training set whose samples do not
+split evenly over the readers, gradient accumulation, compile (the cheap `eager` backend), SIGKILLs at random
+checkpoints and resumes, with and without compile. The interrupted run must end bitwise equal to the
+uninterrupted one, its tallies must not grow at a resume, and its evaluation must count every validation
+sample once.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill.data.loader import build_eval_loader
+from distill.data.synthetic import generate_classification
+from distill.engine.checkpoint import atomic_save, list_checkpoints, load_checkpoint
+from distill.models.factory import create_model
+
+ROOT = Path(__file__).resolve().parent.parent
+PRETRAIN = str(ROOT / "distill" / "pretrain.py")
+PROCESSES, STEPS, CKPT_EVERY = 4, 12, 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cluster")
+    # 246 training samples in 7 shards: 246 / (4 processes x 2 workers) is not whole; 36 validation samples
+    # in one shard for 4 processes
+    generate_classification(root / "shapes", num_classes=6, train_per_class=41, val_per_class=6, img_size=24,
+                            seed=0, shard_size=37)
+    (root / "mix.yaml").write_text(
+        "sources:\n"
+        "  strong: {shards: shapes/train, augment: {name: inception_randaug, num_ops: 2, magnitude: 9}}\n"
+        "  mixed: {shards: shapes/train, augment: {name: inception}, mixup: true}\n"
+        "schedule:\n  - {at: 0.0, weights: {strong: 3, mixed: 1}}\n  - {at: 1.0, weights: {strong: 1, mixed: 3}}\n"
+    )
+    teacher = create_model("test_resnet", num_classes=6)
+    atomic_save({"model": teacher.state_dict()}, root / "teacher.pt")
+    (root / "base.yaml").write_text(
+        f"student: {{name: test_resnet, num_classes: 6, drop_rate: 0.3}}\n"
+        f"teacher: {{name: test_resnet, pretrained: false, checkpoint: {root / 'teacher.pt'}}}\n"
+        f"data: {{mix: {root / 'mix.yaml'}, root: {root}, img_size: 24, batch_size: 4, num_workers: 2,\n"
+        f"        val_shards: shapes/val, val_batch_size: 5}}\n"
+        f"optim: {{lr: 0.003, warmup_steps: 2, clip_grad: 5.0, grad_accum: 2}}\n"
+        f"loss: {{ce_weight: 0.5}}\n"
+        f"train: {{steps: {STEPS}, log_every: 3, ckpt_every: {CKPT_EVERY}, keep_ckpts: 3, ema_decay: 0.9,\n"
+        f"         trackers: [jsonl]}}\n"
+    )
+    return root
+
+
+def launch(cluster, out: Path, *args: str) -> subprocess.Popen:
+    """torchrun with 4 processes and no ACCELERATE_USE_CPU: on a machine without CUDA the processes must still
+    form one gloo run, not four single-process copies."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(PROCESSES),
+           "--master_port", str(_free_port()), PRETRAIN, f"recipe={cluster / 'base.yaml'}", f"output_dir={out}", *args]
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    env |= {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    log = open(f"{out}.log", "a")
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, out: Path) -> None:
+    assert proc.wait(timeout=900) == 0, Path(f"{out}.log").read_text()[-4000:]
+
+
+def kill_after(proc: subprocess.Popen, out: Path, step: int) -> int:
+    """SIGKILL the whole launch (workers included) once a checkpoint of `step` or later exists."""
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        done = [int(p.stem.split("-")[1]) for p in list_checkpoints(out)]
+        if done and max(done) >= step:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, f"the run ended before step {step}: " + Path(f"{out}.log").read_text()[-3000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "summary.json").exists()
+    return max(int(p.stem.split("-")[1]) for p in list_checkpoints(out))
+
+
+def final(out: Path) -> dict:
+    return load_checkpoint(list_checkpoints(out)[-1])
+
+
+@pytest.fixture(scope="module")
+def reference(cluster, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference") / "run"
+    finish(launch(cluster, out), out)
+    return out
+
+
+def test_one_run_of_four_processes_each_with_its_own_random_stream(reference):
+    summary = json.loads((reference / "summary.json").read_text())
+    assert len(summary["process_weight_checksums"]) == PROCESSES  # one run, not four copies
+    assert len(set(summary["process_weight_checksums"])) == 1
+    assert summary["samples"] == STEPS * PROCESSES * 2 * 4 == sum(summary["source_counts"].values())
+    states = final(reference)["processes"]
+    draws = {bytes(s["rng"]["torch"].numpy()) for s in states}
+    assert len(draws) == PROCESSES  # dropout and mixup draw differently on every process
+
+
+def test_evaluation_counts_every_sample_once_with_more_processes_than_shards(cluster, reference):
+    summary = json.loads((reference / "summary.json").read_text())
+    model = create_model("test_resnet", num_classes=6)
+    model.load_state_dict(final(reference)["student"])
+    model.eval()
+    from distill.models.factory import input_spec
+    from distill.models.teacher import InputAdapter
+
+    prepare = InputAdapter(input_spec(model))
+    correct = seen = 0
+    with torch.no_grad():
+        for batch in build_eval_loader("shapes/val", cluster, 24, 0.875, 36, 0):  # one process, every sample
+            logits = model(prepare(batch["image"].float() / 255))
+            correct += int((logits.argmax(1) == batch["label"]).sum())
+            seen += len(batch["label"])
+    assert seen == 36
+    assert summary["student_top1"] == pytest.approx(100 * correct / seen)
+
+
+def test_killed_twice_and_resumed_ends_bitwise_equal(cluster, reference, tmp_path):
+    """Killed at random checkpoints, resumed alternately with and without compile: the same weights, EMA,
+    optimizer state and tallies as the run that was never stopped."""
+    rng = random.Random()
+    out = tmp_path / "killed"
+    first = rng.choice(range(CKPT_EVERY, STEPS - 2 * CKPT_EVERY + 1, CKPT_EVERY))
+    second = rng.choice(range(first + CKPT_EVERY, STEPS - CKPT_EVERY + 1, CKPT_EVERY))
+    compiled = ("student.compile=true", "student.compile_backend=eager")
+    at = [kill_after(launch(cluster, out, *compiled), out, first)]
+    at.append(kill_after(launch(cluster, out, "resume=auto"), out, second))
+    finish(launch(cluster, out, "resume=auto", *compiled), out)
+    log = Path(f"{out}.log").read_text()
+    assert log.count("resumed from") == 2, at  # logged by the main process
+
+    a, b = final(reference), final(out)
+    for part in ("student", "ema"):
+        assert set(a[part]) == set(b[part])  # plain keys, compiled or not
+        differ = [k for k in a[part] if not torch.equal(a[part][k], b[part][k])]
+        assert not differ, (at, part, differ[:5])
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), at
+    assert a["progress"] == b["progress"]
+    assert [p["source_counts"] for p in a["processes"]] == [p["source_counts"] for p in b["processes"]], at
+    sa, sb = (json.loads((run / "summary.json").read_text()) for run in (reference, out))
+    assert sa["source_counts"] == sb["source_counts"] and sa["skipped_samples"] == sb["skipped_samples"]
+    assert sa["student_top1"] == sb["student_top1"]
