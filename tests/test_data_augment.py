@@ -78,3 +78,16 @@ def test_unknown_names_are_errors_listing_valid_ones():
         create_augment("inception_randaug", 32, magnitud=5)
     with pytest.raises(ValueError, match="crop_pct"):
         create_augment("eval", 32, crop_pct=1.5)
+
+
+@pytest.mark.parametrize("name", ["inception_randaug_tf", "inception_randaug", "inception", "flip", "eval"])
+def test_presets_survive_pickling_with_their_stream(name):
+    """Loader workers receive pickled copies; a copy reseeded alike augments alike."""
+    import pickle
+
+    image = sample_image()
+    a = create_augment(name, 32, seed=1)
+    b = pickle.loads(pickle.dumps(a))
+    a.reseed(3)
+    b.reseed(3)
+    assert all(np.array_equal(a(image), b(image)) for _ in range(3))

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import random
+from functools import lru_cache
 from typing import Callable
 
 import cv2
@@ -79,6 +80,7 @@ def _lut(values: np.ndarray) -> np.ndarray:
     return np.clip(values, 0, 255).astype(np.uint8)
 
 
+@lru_cache(maxsize=64)
 def _blend_lut(degenerate: float, factor: float) -> np.ndarray:
     """The reference's blend(degenerate, image, factor) for a constant degenerate image, as a table."""
     if factor == 0.0:
@@ -146,14 +148,22 @@ def posterize(image: np.ndarray, bits: int) -> np.ndarray:
     return cv2.bitwise_and(image, np.full(3, (0xFF << shift) & 0xFF, np.float64))
 
 
-def solarize(image: np.ndarray, threshold: int) -> np.ndarray:
+@lru_cache(maxsize=64)
+def _solarize_lut(threshold: int, addition: int) -> np.ndarray:
+    """Below `threshold`: + `addition` (clipped), or kept when `addition` is None; at or above: kept, or
+    inverted when `addition` is None."""
     values = np.arange(256)
-    return cv2.LUT(image, np.where(values < threshold, values, 255 - values).astype(np.uint8))
+    if addition is None:
+        return np.where(values < threshold, values, 255 - values).astype(np.uint8)
+    return np.where(values < threshold, np.clip(values + addition, 0, 255), values).astype(np.uint8)
+
+
+def solarize(image: np.ndarray, threshold: int) -> np.ndarray:
+    return cv2.LUT(image, _solarize_lut(int(threshold), None))
 
 
 def solarize_add(image: np.ndarray, addition: int, threshold: int = 128) -> np.ndarray:
-    values = np.arange(256)
-    return cv2.LUT(image, np.where(values < threshold, np.clip(values + addition, 0, 255), values).astype(np.uint8))
+    return cv2.LUT(image, _solarize_lut(int(threshold), int(addition)))
 
 
 def color(image: np.ndarray, factor: float) -> np.ndarray:
