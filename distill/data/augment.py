@@ -101,6 +101,8 @@ class Augment:
 
     def plan(self, height: int, width: int) -> Crop:
         """Draw the crop for an image of this size (the next draw of this copy's random stream)."""
+        if self.preset.crop is None:
+            raise TypeError(f"augmentation preset {self.name!r} crops inside albumentations: it plans no crop")
         return self.preset.crop(height, width, self.rng)
 
     def __call__(self, image: Union[np.ndarray, bytes, bytearray, memoryview]) -> np.ndarray:
