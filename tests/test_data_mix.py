@@ -75,7 +75,7 @@ def test_project_mixes_load_with_the_papers_ratios(tmp_path):
     assert mnv4.path == MIX_DIR / "mnv4.yaml"
     assert mnv4.source_names == ["d1", "d2", "d3"] and mnv4.mixup_flags == [False, True, False]
     assert np.allclose(mnv4.weights_at(0.3), [0.25, 0.25, 0.5])
-    assert mnv4.source("d1").augment == {"name": "inception_randaug", "num_ops": 2, "magnitude": 9}
+    assert mnv4.source("d1").augment == {"name": "inception_randaug_tf", "num_ops": 2, "magnitude": 9}
     assert mnv4.source("d3").augment["magnitude"] == 5
     demo = DataMix.load("demo", tmp_path)
     early, late = demo.weights_at(0.0), demo.weights_at(1.0)

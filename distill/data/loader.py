@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from distill.data.augment import create_augment
 from distill.data.mix import DataMix
 from distill.data.sampling import eval_share
-from distill.data.shards import SkipCounter, decode_sample, expand_shards, read_samples, sample_offsets, shard_sizes
+from distill.data.shards import SkipCounter, decode_augmented, expand_shards, read_samples, sample_offsets, shard_sizes
 from distill.data.stream import MixedStream, reader_of, single_threaded_opencv
 
 logger = logging.getLogger(__name__)
@@ -64,8 +64,7 @@ class EvalStream(IterableDataset):
                 for sample in samples:
                     got += 1
                     try:
-                        image, label = decode_sample(sample)
-                        chw = self.augment(image)
+                        chw, label = decode_augmented(sample, self.augment)
                     except Exception as exc:  # counted and reported with the next good sample
                         skips(exc)
                         continue

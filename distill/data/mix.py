@@ -3,7 +3,7 @@
 A mix is a YAML file (`data_mixes/NAME.yaml`, or any path):
 
     sources:
-      d1: {shards: "imagenet/train-{000000..001023}.tar", augment: {name: inception_randaug, magnitude: 9}, weight: 1}
+      d1: {shards: imagenet/train, augment: {name: inception_randaug_tf, magnitude: 9}, weight: 1}
       d2: {shards: imagenet/train, augment: {name: inception}, mixup: true, weight: 1}
     schedule:          # optional: weights piecewise-linear in training progress (0 = start, 1 = end)
       - {at: 0.0, weights: {d1: 3, d2: 1}}

@@ -25,6 +25,8 @@ import webdataset as wds
 from braceexpand import braceexpand
 from webdataset.tariterators import tarfile_samples
 
+from distill.data.decode import DecodeError, decode_rgb
+
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
@@ -295,26 +297,47 @@ def iter_shard(url: str, on_error: Callable[[Exception], bool]) -> Iterator[dict
     return tarfile_samples([{"url": url}], handler=on_error)
 
 
-def decode_sample(sample: dict) -> tuple[np.ndarray, int]:
-    """A raw sample -> (HWC uint8 RGB image, class index). Raises CorruptSampleError naming the sample."""
-    where = f"sample {sample.get('__key__')!r} in {sample.get('__url__', '?')}"
+def sample_image(sample: dict) -> tuple[bytes, int]:
+    """A raw sample -> (encoded image bytes, class index). Raises CorruptSampleError naming the sample."""
     data = sample.get("jpg", sample.get("jpeg", sample.get("png")))
     if data is None:
         entries = sorted(k for k in sample if not k.startswith("__"))
-        raise CorruptSampleError(f"{where}: no jpg/png entry (has {entries})")
+        raise CorruptSampleError(f"{_where(sample)}: no jpg/png entry (has {entries})")
     try:
         label = int(sample["cls"])
     except (KeyError, ValueError) as exc:
-        raise CorruptSampleError(f"{where}: missing or non-integer 'cls' ({exc!r})") from None
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if image is None:
-        raise CorruptSampleError(f"{where}: image bytes ({len(data)} B) could not be decoded")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB), label
+        raise CorruptSampleError(f"{_where(sample)}: missing or non-integer 'cls' ({exc!r})") from None
+    return data, label
+
+
+def decode_sample(sample: dict) -> tuple[np.ndarray, int]:
+    """A raw sample -> (HWC uint8 RGB image, class index). Raises CorruptSampleError naming the sample."""
+    data, label = sample_image(sample)
+    try:
+        return decode_rgb(data), label
+    except DecodeError as exc:
+        raise CorruptSampleError(f"{_where(sample)}: {exc}") from None
+
+
+def decode_augmented(sample: dict, augment: Callable[[bytes], np.ndarray]) -> tuple[np.ndarray, int]:
+    """A raw sample -> (augmented CHW uint8 image, class index), letting `augment` (a
+    `distill.data.augment.Augment`) decode only what its crop needs. Same output as
+    `augment(decode_sample(sample)[0])` except where the crop allowed a reduced-scale decode.
+    Raises CorruptSampleError naming the sample."""
+    data, label = sample_image(sample)
+    try:
+        return augment(data), label
+    except DecodeError as exc:
+        raise CorruptSampleError(f"{_where(sample)}: {exc}") from None
+
+
+def _where(sample: dict) -> str:
+    return f"sample {sample.get('__key__')!r} in {sample.get('__url__', '?')}"
 
 
 def decode_soft_labels(sample: dict) -> tuple[np.ndarray, np.ndarray]:
     """A sample's stored teacher top-k -> (class indices int64 (k,), probabilities float32 (k,))."""
-    where = f"sample {sample.get('__key__')!r} in {sample.get('__url__', '?')}"
+    where = _where(sample)
     data = sample.get(SOFT_LABELS)
     if data is None:
         raise CorruptSampleError(f"{where}: no {SOFT_LABELS} entry (offline teacher labels)")

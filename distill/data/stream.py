@@ -21,7 +21,14 @@ from torch.utils.data import IterableDataset, get_worker_info
 from distill.data.augment import create_augment
 from distill.data.mix import DataMix
 from distill.data.sampling import mix_seed, pass_share
-from distill.data.shards import SkipCounter, decode_sample, decode_soft_labels, read_samples, sample_offsets, shard_sizes
+from distill.data.shards import (
+    SkipCounter,
+    decode_augmented,
+    decode_soft_labels,
+    read_samples,
+    sample_offsets,
+    shard_sizes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -231,10 +238,9 @@ class MixedStream(IterableDataset):
                     st["skipped"] += 1
                     continue
                 try:
-                    image, label = decode_sample(sample)
                     soft = decode_soft_labels(sample) if self.soft_labels else None
                     augments[s].reseed(mix_seed(seed, reader, i, attempt))
-                    chw = augments[s](image)
+                    chw, label = decode_augmented(sample, augments[s])  # decodes only what the crop needs
                     break
                 except Exception as exc:  # one bad sample never ends a run; it is counted instead
                     skips(exc)
