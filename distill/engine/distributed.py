@@ -38,3 +38,25 @@ def broadcast_from_main(value: Any) -> Any:
     if PartialState().num_processes == 1:
         return value
     return broadcast_object_list([value], from_process=0)[0]
+
+
+def match_gradient_buckets(model: torch.nn.Module, example: torch.Tensor) -> None:
+    """Give a resumed DDP model the gradient buckets the uninterrupted run had.
+
+    DDP lays its gradient buckets out anew after its first synchronised backward, in the order the gradients
+    became ready; an all-reduce's rounding depends on where a value sits in its bucket. A resumed run would
+    train its first step on the initial layout where the uninterrupted run used the rebuilt one, and drift by
+    a rounding. One throwaway forward and backward here, with the random generators, buffers and gradients
+    put back afterwards, makes the next forward rebuild the buckets as the uninterrupted run did."""
+    if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return
+    buffers = [b.detach().clone() for b in model.module.buffers()]
+    devices = [example.device] if example.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        output = model(example)
+        output = output if torch.is_tensor(output) else torch.cat([t.flatten() for t in output.values()])
+        (output.float().sum() * 0).backward()
+    with torch.no_grad():
+        for b, saved in zip(model.module.buffers(), buffers):
+            b.copy_(saved)
+    model.zero_grad(set_to_none=True)

@@ -14,7 +14,8 @@ def evaluate_topk(
     accelerator,
     ks: tuple[int, ...] = (1, 5),
 ) -> dict[str, float]:
-    """`models` map a name to a function of a [0, 1] image batch; returns `{name}_top{k}` in percent."""
+    """`models` map a name to a function of a [0, 1] image batch; returns `{name}_top{k}` in percent and
+    `val_samples`, the number of images evaluated over all processes."""
     device = accelerator.device
     correct = torch.zeros(len(models), len(ks), device=device, dtype=torch.float64)
     seen = torch.zeros((), device=device, dtype=torch.float64)
@@ -30,9 +31,9 @@ def evaluate_topk(
                 for j, k in enumerate(ks):
                     correct[i, j] += hits[:, :k].any(dim=-1).sum()
     correct = accelerator.reduce(correct, reduction="sum")
-    seen = accelerator.reduce(seen, reduction="sum").clamp_min(1)
+    seen = int(accelerator.reduce(seen, reduction="sum"))
     return {
-        f"{name}_top{k}": float(100 * correct[i, j] / seen)
-        for i, name in enumerate(models)
-        for j, k in enumerate(ks)
+        **{f"{name}_top{k}": float(100 * correct[i, j] / max(1, seen)) for i, name in enumerate(models)
+           for j, k in enumerate(ks)},
+        "val_samples": seen,
     }
