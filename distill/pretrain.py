@@ -14,30 +14,32 @@ import sys
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from distill.config import ConfigError, exit_on_user_error, load_pretrain_config, save_config
+from distill.cli import command
+from distill.config import ConfigError, load_pretrain_config, save_config
 from distill.data.loader import build_eval_loader, build_train_loader
 from distill.data.mix import DataMix
 from distill.data.mixup import mixup_batch
+from distill.data.shards import expand_shards, read_manifest
 from distill.data.synthetic import ensure_demo_dataset
 from distill.engine.checkpoint import atomic_write_text, resolve_resume
 from distill.engine.evaluate import evaluate_topk
-from distill.engine.logging import make_accelerator
+from distill.engine.logging import make_accelerator, start_trackers
 from distill.engine.optim import build_optimizer, warmup_cosine
 from distill.engine.rng import seed_everything
 from distill.engine.state import Progress, load_pretrain_checkpoint, save_pretrain_checkpoint
-from distill.engine.teachers import build_teacher
 from distill.engine.guards import update_is_finite, weight_checksums
-from distill.engine.plan import plan_steps
+from distill.engine.plan import epoch_steps, plan_steps
+from distill.engine.progress import ProgressBar, banner, describe_mix
 from distill.losses import NonFiniteLoss, dense_from_topk, distillation_loss, soften
 from distill.models.factory import create_model, input_spec
 from distill.models.teacher import InputAdapter
+from distill.models.teacher_fit import build_teacher, describe_teacher
 
 logger = logging.getLogger("distill")
 
 
-@exit_on_user_error
+@command("distill.pretrain")
 def main(argv=None) -> dict:
     cfg = load_pretrain_config(sys.argv[1:] if argv is None else argv)
     out = Path(cfg.output_dir)
@@ -86,11 +88,15 @@ def main(argv=None) -> dict:
     )
     key_log = (out / f"keys-rank{rank}.tsv").open("a") if cfg.data.record_keys else None
     mixup_sources = torch.tensor(mix.mixup_flags, device=device)
-    accelerator.init_trackers("pretrain")
+    start_trackers(accelerator, cfg)
+    banner(accelerator, cfg.recipe, out, steps=total_steps, steps_per_epoch=epoch_steps(cfg, mix, global_batch),
+           batch_size=cfg.data.batch_size, grad_accum=cfg.optim.grad_accum,
+           models={f"student {cfg.student.name}": student, f"teacher {cfg.teacher.name}": teacher},
+           details={"data": f"mix {describe_mix(mix)}; {cfg.data.img_size} px", "teacher": describe_teacher(cfg)})
 
     # ---- loop -------------------------------------------------------------------------------------
     student.train()
-    bar = tqdm(total=total_steps, initial=progress.step, desc="distill", disable=not accelerator.is_main_process)
+    bar = ProgressBar(total_steps, "distill", initial=progress.step, enabled=accelerator.is_main_process)
     source_counts = torch.tensor(progress.source_counts, device=device, dtype=torch.long)
     skipped = torch.zeros((), device=device, dtype=torch.long)
     batches = iter(loader)
@@ -141,7 +147,7 @@ def main(argv=None) -> dict:
         ema.update(accelerator.unwrap_model(student), step=progress.step)
         progress.step += 1
         progress.samples += global_batch
-        bar.update(1)
+        bar.update(progress.step, images=global_batch)
 
         if progress.step % cfg.train.log_every == 0 or progress.step == total_steps:
             metrics = {k: accelerator.reduce(v.detach().float(), reduction="mean").item() for k, v in terms.items()}
@@ -153,7 +159,7 @@ def main(argv=None) -> dict:
             metrics |= {"lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "bad_steps": progress.bad_steps,
                         "skipped_samples": int(accelerator.reduce(skipped.clone(), reduction="sum"))}
             accelerator.log(metrics, step=progress.step)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+            bar.log(loss=metrics["loss"], lr=metrics["lr"])
         if progress.step % cfg.train.ckpt_every == 0 or progress.step == total_steps:
             progress.source_counts = accelerator.reduce(source_counts.clone(), reduction="sum").tolist()
             progress.skipped_samples = int(accelerator.reduce(skipped.clone(), reduction="sum"))
@@ -199,7 +205,8 @@ def evaluate(cfg, accelerator, student, student_input, ema, teacher) -> dict:
         cfg.data.val_shards, cfg.data.root, cfg.data.img_size, cfg.data.val_crop_pct, cfg.data.val_batch_size,
         cfg.data.num_workers, accelerator.process_index, accelerator.num_processes,
     )
-    return evaluate_topk(models, loader, accelerator)
+    mine = expand_shards(cfg.data.val_shards, cfg.data.root)[accelerator.process_index::accelerator.num_processes]
+    return evaluate_topk(models, loader, accelerator, total_images=(read_manifest(mine) or {}).get("num_samples"))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import torch
 import yaml
 from torch.utils.data import IterableDataset, get_worker_info
 
+from distill.config import packaged_dir
 from distill.data.augment import check_augment, create_augment
 from distill.data.shards import (
     SkipCounter,
@@ -37,7 +38,7 @@ from distill.data.shards import (
 
 logger = logging.getLogger(__name__)
 
-MIX_DIR = Path(__file__).resolve().parents[2] / "data_mixes"
+MIX_DIR = packaged_dir("data_mixes")
 
 _MIX_KEYS = {"sources", "schedule", "description"}
 _SOURCE_KEYS = {"shards", "augment", "weight", "mixup"}
@@ -179,7 +180,7 @@ class DataMix:
             return int(manifest["num_samples"])
         if default is not None:
             return default
-        raise ValueError(
+        raise MixError(
             f"data mix {self.path}, source {name!r}: its size is unknown (no manifest.json lists all of its "
             f"shards); write one (scripts/folder_to_shards.py does) or give the epoch size explicitly"
         )
@@ -277,7 +278,7 @@ class MixedStream(IterableDataset):
         readers = self.world_size * num_workers
         for name, shards in zip(self.mix.source_names, self.shards):
             if len(shards) < readers:
-                raise ValueError(
+                raise MixError(
                     f"data mix {self.mix.path}, source {name!r}: {len(shards)} shards cannot be split over "
                     f"{self.world_size} processes x {num_workers} loader workers = {readers} readers; "
                     f"write the source as at least {readers} shards or use fewer workers"
