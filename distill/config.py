@@ -7,20 +7,26 @@ and the valid alternatives.
 from __future__ import annotations
 
 import dataclasses
-import sys
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from distill.errors import ConfigError
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-RECIPE_DIR = PROJECT_ROOT / "recipes"
 
 
-class ConfigError(ValueError):
-    """A recipe or a command-line override that does not fit the schema."""
+def packaged_dir(name: str) -> Path:
+    """`recipes/` and `data_mixes/`: inside the package once installed, beside it in a checkout."""
+    inside = Path(__file__).resolve().parent / name
+    return inside if inside.is_dir() else PROJECT_ROOT / name
+
+
+RECIPE_DIR = packaged_dir("recipes")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -100,7 +106,7 @@ class TrainConfig:
     epochs: float = 400.0
     steps: Optional[int] = None  # optimizer steps; overrides epochs when set
     seed: int = 0
-    precision: str = "auto"  # auto (bf16 where supported), no, bf16, fp16
+    precision: str = "auto"  # auto: as `accelerate launch` says (its --mixed_precision / accelerate config), else bf16 where supported
     ema_decay: float = 0.9998
     ema_warmup: bool = True
     log_every: int = 50
@@ -108,7 +114,7 @@ class TrainConfig:
     keep_ckpts: int = 2
     eval_every: int = 0  # 0: evaluate at the end only
     max_bad_steps: int = 10  # stop after this many non-finite losses in a row
-    trackers: list[str] = field(default_factory=lambda: ["tensorboard", "jsonl"])
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard", "jsonl"])  # Accelerate's (wandb, mlflow, ...); metrics.jsonl is always written
 
 
 @dataclass
@@ -125,9 +131,123 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+# --------------------------------------------------------------------------------------------------
+# Allowed values, checked at load: choices, and ranges of numbers
+# --------------------------------------------------------------------------------------------------
+
+# Upper bounds on sizes: far beyond any real run, low enough that a typo stops at load instead of failing an
+# allocation later on.
+MAX_SIDE = 4096  # image sides
+MAX_BATCH = 2**20  # images per batch
+MAX_CLASSES = 10**6
+MAX_WORKERS = 256  # loader workers per process
+MAX_SEED = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class Range:
+    """The numbers a key allows (every element, for a list key), and a list key's length."""
+
+    lo: Optional[float] = None
+    hi: Optional[float] = None
+    lo_open: bool = False
+    hi_open: bool = False
+    length: Optional[int] = None
+    min_length: int = 0
+
+    def problem(self, value: Any) -> Optional[str]:
+        """What is wrong with `value`, or None. None values (unset optional keys) are always fine."""
+        if value is None:
+            return None
+        if isinstance(value, Mapping) or OmegaConf.is_dict(value):  # a mapping's values
+            value = list(value.values())
+        if isinstance(value, (list, tuple)) or OmegaConf.is_list(value):
+            values = list(value)
+            if self.length is not None and len(values) != self.length:
+                return f"must hold {self.length} values, got {len(values)}"
+            if len(values) < self.min_length:
+                return f"must hold at least {self.min_length} value{'s' if self.min_length > 1 else ''}"
+            return next((f"holds {v}, but each value {p}" for v in values if (p := self._number(v))), None)
+        return self._number(value)
+
+    def _number(self, value: Any) -> Optional[str]:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return "must be a number"
+        if isinstance(value, float) and not math.isfinite(value):
+            return "must be a finite number"
+        low_ok = self.lo is None or (value > self.lo if self.lo_open else value >= self.lo)
+        high_ok = self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)
+        return None if low_ok and high_ok else f"must be {self.describe()}"
+
+    def describe(self) -> str:
+        if self.hi is None:
+            return f"{'above' if self.lo_open else 'at least'} {self.lo}"
+        if self.lo is None:
+            return f"{'below' if self.hi_open else 'at most'} {self.hi}"
+        return f"in {'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}"
+
+
+def at_least(lo: float, hi: Optional[float] = None) -> Range:
+    return Range(lo, hi)
+
+
+def above(lo: float, hi: Optional[float] = None, hi_open: bool = False) -> Range:
+    return Range(lo, hi, lo_open=True, hi_open=hi_open)
+
+
+FRACTION = Range(0.0, 1.0, hi_open=True)  # [0, 1): dropout, label smoothing
+PROBABILITY = Range(0.0, 1.0)  # [0, 1]
+SIDE = at_least(1, MAX_SIDE)
+BATCH = at_least(1, MAX_BATCH)
+WORKERS = at_least(0, MAX_WORKERS)
+SEED = at_least(0, MAX_SEED)
+MEAN_STD = Range(0.0, 1e3, lo_open=True, length=3)  # per RGB channel; a zero std would divide by zero
+
 PRETRAIN_CHOICES = {
     "teacher.mode": ("online", "offline"),
+    "data.generate": (None, "demo"),
     "train.precision": ("auto", "no", "bf16", "fp16"),
+}
+PRETRAIN_RANGES = {
+    "student.num_classes": at_least(1, MAX_CLASSES),
+    "student.drop_rate": FRACTION,
+    "student.drop_path_rate": FRACTION,
+    "teacher.img_size": SIDE,
+    "teacher.mean": MEAN_STD,
+    "teacher.std": MEAN_STD,
+    "teacher.fit_steps": at_least(0),
+    "teacher.fit_lr": above(0),
+    "data.img_size": SIDE,
+    "data.batch_size": BATCH,
+    "data.global_batch_size": BATCH,
+    "data.num_workers": WORKERS,
+    "data.val_batch_size": BATCH,
+    "data.val_crop_pct": above(0, 1),
+    "data.samples_per_epoch": at_least(1),
+    "optim.lr": above(0),
+    "optim.weight_decay": at_least(0),
+    "optim.betas": Range(0.0, 1.0, hi_open=True, length=2),
+    "optim.eps": above(0),
+    "optim.warmup_epochs": at_least(0),
+    "optim.warmup_steps": at_least(0),
+    "optim.min_lr": at_least(0),
+    "optim.clip_grad": above(0),
+    "optim.grad_accum": at_least(1, MAX_BATCH),
+    "loss.temperature": above(0),
+    "loss.kd_weight": at_least(0),
+    "loss.ce_weight": at_least(0),
+    "loss.label_smoothing": FRACTION,
+    "train.epochs": above(0),
+    "train.steps": at_least(1),
+    "train.seed": SEED,
+    "train.ema_decay": PROBABILITY,
+    "train.log_every": at_least(1),
+    "train.ckpt_every": at_least(1),
+    "train.keep_ckpts": at_least(1),
+    "train.eval_every": at_least(0),
+    "train.max_bad_steps": at_least(1),
 }
 
 
@@ -141,7 +261,7 @@ def parse_overrides(argv: Sequence[str]) -> tuple[Optional[str], list[str]]:
     recipe, overrides = None, []
     for arg in argv:
         if "=" not in arg:
-            raise ConfigError(f"argument {arg!r} is not of the form key=value")
+            raise ConfigError(f"argument {arg!r} is not of the form key=value (see --help)")
         key, value = arg.split("=", 1)
         if key == "recipe":
             recipe = value
@@ -150,15 +270,66 @@ def parse_overrides(argv: Sequence[str]) -> tuple[Optional[str], list[str]]:
     return recipe, overrides
 
 
-def recipe_path(name: str, recipe_dir: Path = RECIPE_DIR) -> Path:
+@dataclass(frozen=True)
+class SchemaKey:
+    key: str  # dotted
+    type: str  # as annotated: int, Optional[str], list[float], ...
+    default: Any
+    owner: type  # the dataclass that declares it
+    name: str  # its field name there
+
+
+def schema_keys(schema: type, prefix: str = "") -> list[SchemaKey]:
+    """Every leaf key of a schema, in declaration order."""
+    keys = []
+    for f in dataclasses.fields(schema):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            keys += schema_keys(type(default), f"{prefix}{f.name}.")
+        else:
+            keys.append(SchemaKey(prefix + f.name, str(f.type), default, schema, f.name))
+    return keys
+
+
+def _lists_from_commas(overrides: list[str], schema: type) -> list[str]:
+    """`train.trackers=wandb` or `optim.betas=0.9,0.99` for a list key: read as `[wandb]` / `[0.9,0.99]`,
+    as `accelerate launch --log_with a,b` takes them."""
+    list_keys = {k.key for k in schema_keys(schema) if k.type.replace("Optional[", "").startswith("list[")}
+    out = []
+    for item in overrides:
+        key, value = item.split("=", 1)
+        bare = value.strip()
+        if key in list_keys and not bare.startswith(("[", "${")) and bare not in ("null", "???"):
+            item = f"{key}=[{value}]"
+        out.append(item)
+    return out
+
+
+def recipe_path(name: str, recipe_dir: Path = RECIPE_DIR, schema: Optional[type] = None) -> Path:
     path = Path(name)
     if path.suffix in (".yaml", ".yml") and path.exists():
         return path
     path = recipe_dir / f"{name}.yaml"
     if not path.exists():
-        known = sorted(p.stem for p in recipe_dir.glob("*.yaml"))
+        known = recipe_names(recipe_dir, schema)
         raise ConfigError(f"no recipe {name!r} (looked for {path}); known recipes: {', '.join(known)}")
     return path
+
+
+def recipe_names(recipe_dir: Path = RECIPE_DIR, schema: Optional[type] = None) -> list[str]:
+    """The recipes in `recipe_dir`; with `schema`, those that fit it (a recipe belongs to the entry point whose
+    schema it fits)."""
+    paths = sorted(recipe_dir.glob("*.yaml"))
+    return [p.stem for p in paths if schema is None or recipe_fits(schema, p, recipe_dir)]
+
+
+def recipe_fits(schema: type, path: Path, recipe_dir: Path = RECIPE_DIR) -> bool:
+    """Whether the recipe file's keys and values fit `schema` (overrides and ranges aside)."""
+    try:
+        _merge(OmegaConf.structured(schema), _read_recipe(Path(path), recipe_dir), str(path), schema)
+    except ConfigError:
+        return False
+    return True
 
 
 def _read_recipe(path: Path, recipe_dir: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
@@ -217,20 +388,27 @@ def load_config(
     schema: type,
     argv: Sequence[str],
     recipe_dir: Path = RECIPE_DIR,
-    choices: Optional[dict[str, Sequence[str]]] = None,
+    choices: Optional[Mapping[str, Sequence[Any]]] = None,
+    ranges: Optional[Mapping[str, Range]] = None,
 ) -> DictConfig:
     """Build the resolved configuration for one run; raises ConfigError on any mistake."""
     recipe, overrides = parse_overrides(argv)
     if not recipe:
-        known = sorted(p.stem for p in recipe_dir.glob("*.yaml"))
+        known = recipe_names(recipe_dir, schema)
         raise ConfigError(f"no recipe given: pass recipe=NAME; known recipes: {', '.join(known)}")
-    path = recipe_path(recipe, recipe_dir)
+    path = recipe_path(recipe, recipe_dir, schema)
     cfg = OmegaConf.structured(schema)
     cfg = _merge(cfg, _read_recipe(path, recipe_dir), str(path), schema)
+    items = _lists_from_commas(overrides, schema)
     try:
-        cli = OmegaConf.from_dotlist(overrides)
-    except Exception as e:
-        raise ConfigError(f"cannot parse command-line overrides {overrides}: {e}") from None
+        cli = OmegaConf.from_dotlist(items)
+    except Exception:
+        for item, given in zip(items, overrides):  # name the one that does not parse
+            try:
+                OmegaConf.from_dotlist([item])
+            except Exception as e:
+                raise ConfigError(f"cannot parse {given!r}: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"cannot parse the command-line overrides {overrides}") from None
     cfg = _merge(cfg, cli, "command line", schema)
     try:
         OmegaConf.resolve(cfg)  # interpolations fail here, before any work, not when a value is first read
@@ -242,32 +420,28 @@ def load_config(
     for key, allowed in (choices or {}).items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join('null' if a is None else str(a) for a in allowed)}")
+    for key, allowed in (ranges or {}).items():
+        value = OmegaConf.select(cfg, key)
+        problem = allowed.problem(value)
+        if problem:
+            raise ConfigError(f"{key}={_show(value)} {problem}")
     return cfg
 
 
+def _show(value: Any) -> str:
+    return str(OmegaConf.to_container(value) if OmegaConf.is_config(value) else value)
+
+
 def load_pretrain_config(argv: Sequence[str], recipe_dir: Path = RECIPE_DIR) -> DictConfig:
-    return load_config(PretrainConfig, argv, recipe_dir, PRETRAIN_CHOICES)
+    from distill.engine.logging import check_trackers
+
+    cfg = load_config(PretrainConfig, argv, recipe_dir, PRETRAIN_CHOICES, PRETRAIN_RANGES)
+    check_trackers(cfg.train.trackers, "train.trackers")
+    return cfg
 
 
 def save_config(cfg: DictConfig, path: Path) -> None:
     from distill.engine.checkpoint import atomic_write_text
 
     atomic_write_text(Path(path), OmegaConf.to_yaml(cfg))
-
-
-def exit_on_user_error(fn):
-    """Decorator for entry points: a mistake in the recipe, a missing file, a checkpoint that does not fit or
-    a run stopped by non-finite losses prints one clear message (exit status 2), not a deep traceback."""
-    from distill.engine.checkpoint import CheckpointMismatch
-    from distill.engine.distributed import LaunchError
-    from distill.losses import NonFiniteLoss
-
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (ConfigError, CheckpointMismatch, FileNotFoundError, NonFiniteLoss, LaunchError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
-
-    return wrapper

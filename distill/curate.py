@@ -20,12 +20,14 @@ from pathlib import Path
 from accelerate.utils import gather_object
 from omegaconf import OmegaConf
 
-from distill.config import exit_on_user_error, save_config
+from distill.cli import command
+from distill.config import save_config
 from distill.data.mix import DataMix
 from distill.data.shards import read_manifest
 from distill.data.synthetic import ensure_demo_dataset
 from distill.engine.checkpoint import atomic_save, load_checkpoint
 from distill.engine.logging import make_accelerator
+from distill.engine.progress import banner
 from distill.passes import curation_state as state
 from distill.passes.curation_report import write_report
 from distill.passes.curation_writer import assemble, clear_output, part_shards, write_fill, write_kept
@@ -41,7 +43,7 @@ logger = logging.getLogger("distill")
 DEMO_POOL = dict(extra_per_class=150)  # the demo's pool: a skewed class mix plus object-free images
 
 
-@exit_on_user_error
+@command("distill.curate", requires={"matplotlib": ("plot", "the curation report (report.png)")})
 def main(argv=None, scorer=None) -> dict:
     """`scorer` replaces the configured model (any callable from a [0, 1] batch to logits)."""
     cfg = load_curate_config(sys.argv[1:] if argv is None else argv)
@@ -65,6 +67,10 @@ def main(argv=None, scorer=None) -> dict:
     progress, resumed = state.resume_or_start(out, rank, world, scoring_fingerprint(cfg, units, img_size, crop_pct),
                                               cfg.scorer.num_classes, cfg.select.per_class, cfg.select.hist_bins,
                                               cfg.select.threshold)
+    banner(accelerator, cfg.recipe, out, batch_size=cfg.batch_size, models={f"scorer {cfg.scorer.name}": scorer},
+           details={"pool": f"{len(units)} units of {cfg.pool.shards or cfg.pool.folder} under {cfg.data_root}",
+                    "selection": f"top-class probability above {cfg.select.threshold}, at most "
+                                 f"{cfg.select.per_class} per class, short classes: {cfg.select.fill}"})
     render = EvalRender(img_size, crop_pct, cfg.batch_size)
     scored = score_units(rank_share(units, rank, world), render, scorer, progress, accelerator,
                          state.progress_path(out, rank, world), cfg.checkpoint_every, cfg.num_workers)

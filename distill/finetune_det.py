@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from tqdm.auto import tqdm
 
-from distill.config import exit_on_user_error, save_config
+from distill.cli import command
+from distill.config import save_config
 from distill.data.coco import (
     CocoDetection,
     DetectionBatchSampler,
@@ -47,9 +47,12 @@ from distill.engine.checkpoint import (
     prune_checkpoints,
     resolve_resume,
 )
-from distill.engine.guards import update_is_finite, weight_checksums
-from distill.engine.logging import make_accelerator
+from distill.engine.distributed import start_processes
+from distill.engine.guards import UpdateGuard, weight_checksums
+from distill.engine.run_dir import choose_run_dir
+from distill.engine.logging import make_accelerator, start_trackers
 from distill.engine.optim import build_optimizer, warmup_cosine
+from distill.engine.progress import ProgressBar, banner
 from distill.engine.rng import capture_rng, restore_rng, seed_everything
 
 logger = logging.getLogger("distill")
@@ -57,10 +60,12 @@ logger = logging.getLogger("distill")
 GENERATORS = {"det_demo": ensure_det_demo}
 
 
-@exit_on_user_error
+@command("distill.finetune_det")
 def main(argv=None) -> dict:
     cfg = load_det_config(sys.argv[1:] if argv is None else argv)
-    out = Path(cfg.output_dir)
+    start_processes()
+    out = choose_run_dir(cfg.output_dir, Path("runs") / Path(cfg.recipe).stem, cfg.resume, cfg.overwrite)
+    cfg.output_dir = str(out)
     accelerator = make_accelerator(cfg.train.precision, cfg.optim.grad_accum, out, cfg.train.trackers)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     seed_everything(cfg.train.seed)  # the same initial weights on every process
@@ -97,6 +102,7 @@ def main(argv=None) -> dict:
         progress, rng_state = load_det_checkpoint(resume_from, accelerator, model, ema, optimizer, scheduler,
                                                   plan.total_steps)
     accum = cfg.optim.grad_accum
+    guard = UpdateGuard(accelerator, optimizer, cfg.train.max_bad_steps, progress.bad_steps, progress.bad_in_row)
     sampler = DetectionBatchSampler(
         len(train_set), cfg.data.batch_size, list(cfg.data.multiscale) or [cfg.data.img_size],
         plan.total_steps * accum, cfg.train.seed, plan.strong_until * accum, progress.step * accum, rank, world,
@@ -105,16 +111,18 @@ def main(argv=None) -> dict:
     batches = iter(build_train_loader(train_set, sampler, cfg.data.num_workers))
     if rng_state is not None:  # after the loader has drawn its seed, as at the start of the interrupted run
         restore_rng(rng_state)
-    accelerator.init_trackers("finetune_det")
-    if accelerator.is_main_process:
-        n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
-        logger.info("%s: %.2fM parameters; %d steps (%.1f per epoch), %d processes x batch %d x accum %d",
-                    cfg.model.backbone, n_params / 1e6, plan.total_steps, plan.steps_per_epoch, world,
-                    cfg.data.batch_size, accum)
+    start_trackers(accelerator, cfg)
+    banner(accelerator, cfg.recipe, out, steps=plan.total_steps, steps_per_epoch=plan.steps_per_epoch,
+           batch_size=cfg.data.batch_size, grad_accum=accum,
+           models={f"RT-DETR with backbone {cfg.model.backbone}": accelerator.unwrap_model(model)},
+           details={"data": f"{len(train_set)} training / {len(val_set)} validation images from {root}, "
+                            f"{cfg.model.num_classes} classes, side {list(cfg.data.multiscale) or cfg.data.img_size}",
+                    "backbone weights": cfg.model.backbone_checkpoint
+                    or ("hub" if cfg.model.pretrained_backbone else "none (random init)")})
 
     # ---- loop -------------------------------------------------------------------------------------
     model.train()
-    bar = tqdm(total=plan.total_steps, initial=progress.step, desc="rt-detr", disable=not accelerator.is_main_process)
+    bar = ProgressBar(plan.total_steps, "rt-detr", initial=progress.step, enabled=accelerator.is_main_process)
     while progress.step < plan.total_steps:
         for _ in range(accum):
             batch = next(batches)
@@ -129,31 +137,24 @@ def main(argv=None) -> dict:
                 loss = sum(losses.values())
                 accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad or float("inf"))
-        if update_is_finite(accelerator, loss, grad_norm):
-            optimizer.step()
-            progress.bad_in_row = 0
-        else:
-            progress.bad_steps += 1
-            progress.bad_in_row += 1
-            logger.warning("non-finite loss at step %d: update skipped", progress.step)
-            if progress.bad_in_row >= cfg.train.max_bad_steps:
-                raise SystemExit(f"error: {progress.bad_in_row} non-finite losses in a row at step {progress.step} "
-                                 f"(train.max_bad_steps={cfg.train.max_bad_steps}); lower optim.lr or check the data")
+        guard.step(loss, grad_norm)
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         ema.update(accelerator.unwrap_model(model), step=progress.step)
         progress.step += 1
-        bar.update(1)
+        bar.update(progress.step, images=cfg.data.batch_size * accum * world)
 
         if progress.step % cfg.train.log_every == 0 or progress.step == plan.total_steps:
+            progress.bad_steps, progress.bad_in_row = guard.check(progress.step)
             metrics = {k: accelerator.reduce(v.detach().float(), reduction="mean").item() for k, v in losses.items()}
             metrics |= {"loss": sum(metrics.values()), "lr": scheduler.get_last_lr()[-1],
                         "backbone_lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                         "epoch": progress.step / plan.steps_per_epoch, "input_size": images.shape[-1],
                         "skipped_images": total_skipped(accelerator, progress)}
             accelerator.log(metrics, step=progress.step)
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
+            bar.log(loss=metrics["loss"], lr=metrics["lr"])
         if progress.step % cfg.train.ckpt_every == 0 or progress.step == plan.total_steps:
+            progress.bad_steps, progress.bad_in_row = guard.check(progress.step)
             save_det_checkpoint(out, accelerator, model, ema, optimizer, scheduler, progress, plan.total_steps, cfg)
         if cfg.train.eval_every and progress.step % cfg.train.eval_every == 0 and progress.step < plan.total_steps:
             accelerator.log(evaluate(cfg, accelerator, model, ema, val_set, postprocess, mean, std), step=progress.step)

@@ -22,11 +22,13 @@ from pathlib import Path
 from accelerate.utils import gather_object
 from omegaconf import OmegaConf
 
-from distill.config import ConfigError, exit_on_user_error, save_config
+from distill.cli import command
+from distill.config import ConfigError, save_config
 from distill.data.mix import DataMix
 from distill.data.synthetic import ensure_demo_dataset
 from distill.engine.checkpoint import atomic_write_text
 from distill.engine.logging import make_accelerator
+from distill.engine.progress import banner, describe_mix
 from distill.passes.fingerprint import fingerprint
 from distill.passes.frozen import build_frozen
 from distill.passes.labelling import label_units
@@ -50,7 +52,7 @@ def plan_units(mix: DataMix, sources: list[str], replicas: dict[str, int]) -> li
     return units
 
 
-@exit_on_user_error
+@command("distill.label_views")
 def main(argv=None, teacher=None) -> dict:
     """`teacher` replaces the configured model (any callable from a [0, 1] batch to logits)."""
     cfg = load_label_config(sys.argv[1:] if argv is None else argv)
@@ -76,6 +78,9 @@ def main(argv=None, teacher=None) -> dict:
     todo = rank_share([u for u in units if u.name not in done], rank, world)
     if done:
         logger.info("resuming: %d of %d units already labelled", sum(u.name in done for u in units), len(units))
+    banner(accelerator, cfg.recipe, out, batch_size=cfg.batch_size, models={f"teacher {cfg.teacher.name}": teacher},
+           details={"mix": describe_mix(mix), "views": f"{len(units)} units ({len(todo)} on this process), replicas "
+                    f"{replicas}, {cfg.view.img_size} px, JPEG quality {cfg.view.quality}, top-{cfg.view.topk}"})
     render = ViewRender({s.name: s.augment for s in mix.sources}, {s.name: s.mixup for s in mix.sources},
                         cfg.view.img_size, cfg.view.quality, cfg.batch_size, cfg.seed)
     work = label_units(todo, render, teacher, accelerator, out, LabelRecords(out, rank), cfg.view.topk,

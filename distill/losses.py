@@ -5,10 +5,6 @@ import torch
 import torch.nn.functional as F
 
 
-class NonFiniteLoss(RuntimeError):
-    """Too many non-finite losses in a row: the run stops rather than train on garbage."""
-
-
 def kl_divergence(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """KL(teacher ‖ student) per batch, scaled by T² so gradients keep their size across temperatures.
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from distill.config import ConfigError, exit_on_user_error, load_pretrain_config, save_config
+from distill.cli import command
+from distill.config import ConfigError, load_pretrain_config, save_config
 from distill.data.loader import build_eval_loader, build_train_loader
 from distill.data.mix import DataMix
 from distill.data.mixup import mixup_batch
@@ -27,21 +27,22 @@ from distill.engine.checkpoint import atomic_write_text, resolve_resume
 from distill.engine.distributed import match_gradient_buckets, start_processes
 from distill.engine.evaluate import evaluate_topk
 from distill.engine.guards import UpdateGuard, weight_checksums
-from distill.engine.logging import make_accelerator
+from distill.engine.logging import make_accelerator, start_trackers
 from distill.engine.optim import build_optimizer, warmup_cosine
-from distill.engine.plan import plan_steps
+from distill.engine.plan import epoch_steps, plan_steps
+from distill.engine.progress import ProgressBar, banner, describe_mix
 from distill.engine.rng import restore_rng, seed_everything, seed_process
 from distill.engine.run_dir import choose_run_dir
 from distill.engine.state import ProcessState, Progress, load_pretrain_checkpoint, save_pretrain_checkpoint
-from distill.engine.teachers import build_teacher
 from distill.losses import dense_from_topk, distillation_loss, soften
 from distill.models.factory import create_model, input_spec
 from distill.models.teacher import InputAdapter
+from distill.models.teacher_fit import build_teacher, describe_teacher
 
 logger = logging.getLogger("distill")
 
 
-@exit_on_user_error
+@command("distill.pretrain")
 def main(argv=None) -> dict:
     cfg = load_pretrain_config(sys.argv[1:] if argv is None else argv)
     start_processes()
@@ -102,7 +103,11 @@ def main(argv=None) -> dict:
                                        progress.bad_in_row),
                            torch.tensor(mix.mixup_flags, device=device), offline)
     key_log = (out / f"keys-rank{rank}.tsv").open("a") if cfg.data.record_keys else None
-    accelerator.init_trackers("pretrain")
+    start_trackers(accelerator, cfg)
+    banner(accelerator, cfg.recipe, out, steps=total_steps, steps_per_epoch=epoch_steps(cfg, mix, global_batch),
+           batch_size=cfg.data.batch_size, grad_accum=cfg.optim.grad_accum,
+           models={f"student {cfg.student.name}": student, f"teacher {cfg.teacher.name}": teacher},
+           details={"data": f"mix {describe_mix(mix)}; {cfg.data.img_size} px", "teacher": describe_teacher(cfg)})
     if mine.rng:
         restore_rng(mine.rng)
     else:
@@ -110,7 +115,7 @@ def main(argv=None) -> dict:
 
     # ---- loop -------------------------------------------------------------------------------------
     student.train()
-    bar = tqdm(total=total_steps, initial=progress.step, desc="distill", disable=not accelerator.is_main_process)
+    bar = ProgressBar(total_steps, "distill", initial=progress.step, enabled=accelerator.is_main_process)
     batches = iter(loader)
     while progress.step < total_steps:
         micro_batches = [next(batches) for _ in range(cfg.optim.grad_accum)]
@@ -118,13 +123,13 @@ def main(argv=None) -> dict:
         terms, grad_norm = distill_step(step_parts, micro_batches, cfg, progress.step)
         progress.step += 1
         progress.samples += global_batch
-        bar.update(1)
+        bar.update(progress.step, images=global_batch)
 
         if progress.step % cfg.train.log_every == 0 or progress.step == total_steps:
             progress.bad_steps, progress.bad_in_row = step_parts.guard.check(progress.step)
             metrics = log_metrics(accelerator, mix, terms, grad_norm, scheduler, mine, progress,
                                   progress.samples / (total_steps * global_batch))
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+            bar.log(loss=metrics["loss"], lr=metrics["lr"])
         if progress.step % cfg.train.ckpt_every == 0 or progress.step == total_steps:
             progress.bad_steps, progress.bad_in_row = step_parts.guard.check(progress.step)
             mine.loader = loader.state_dict()
@@ -268,7 +273,7 @@ def evaluate(cfg, accelerator, student, student_input, ema, teacher) -> dict:
         cfg.data.val_shards, cfg.data.root, cfg.data.img_size, cfg.data.val_crop_pct, cfg.data.val_batch_size,
         cfg.data.num_workers, accelerator.process_index, accelerator.num_processes,
     )
-    return evaluate_topk(models, loader, accelerator)
+    return evaluate_topk(models, loader, accelerator, total_images=loader.dataset.share_size)
 
 
 def share_buffers(accelerator, *modules: torch.nn.Module) -> None:

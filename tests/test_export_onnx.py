@@ -14,7 +14,6 @@ from distill.detection.postprocess import PostProcessor  # noqa: E402
 from distill.detection.rtdetr import RTDETRConfig, build_rtdetr  # noqa: E402
 from distill.engine.checkpoint import atomic_save, checkpoint_path  # noqa: E402
 from distill.export.__main__ import main as export_main  # noqa: E402
-from distill.export.onnx_detector import main as onnx_main  # noqa: E402
 
 SIDE, NUM_TOP = 96, 15
 # a tiny, randomly initialised detector as the detection fine-tuning saves it (its recipe's `model` section)
@@ -104,7 +103,7 @@ def test_onnx_detector_matches_pytorch(det_run, tmp_path):
 
 def test_onnx_entry_point_and_raw_weights(det_run, tmp_path, capsys):
     folder, ckpt = det_run
-    onnx_main([str(folder), "--out", str(tmp_path / "raw"), "--weights", "student", "--opset", "18"])
+    export_main([str(folder), "--to", "onnx", "--out", str(tmp_path / "raw"), "--weights", "student", "--opset", "18"])
     assert json.loads(capsys.readouterr().out)["out"] == str(tmp_path / "raw")
     session = ort.InferenceSession(str(tmp_path / "raw" / "model.onnx"), providers=["CPUExecutionProvider"])
     images, orig_sizes = model_input([(128, 128)], seed=5)

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from distill.data.augment import create_augment
 from distill.data.mix import DataMix
-from distill.data.sampling import eval_share
+from distill.data.sampling import eval_share, share_bounds
 from distill.data.shards import SkipCounter, decode_augmented, expand_shards, read_samples, sample_offsets, shard_sizes
 from distill.data.stream import MixedStream, reader_of, single_threaded_opencv
 
@@ -52,6 +52,8 @@ class EvalStream(IterableDataset):
         self.sizes = shard_sizes(self.shards)
         self.rank, self.world_size = rank, world_size
         self.augment = create_augment("eval", img_size, crop_pct=crop_pct, seed=0)
+        lo, hi = share_bounds(sum(self.sizes), world_size, rank)
+        self.share_size = hi - lo  # samples this process evaluates (its workers' shares together)
 
     def __iter__(self) -> Iterator[dict]:
         reader, readers = reader_of(self.rank, self.world_size)

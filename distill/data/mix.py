@@ -22,12 +22,13 @@ from typing import Any, Optional, Union
 import numpy as np
 import yaml
 
+from distill.config import packaged_dir
 from distill.data.augment import check_augment, create_augment
 from distill.data.shards import expand_shards, read_manifest
 
 logger = logging.getLogger(__name__)
 
-MIX_DIR = Path(__file__).resolve().parents[2] / "data_mixes"
+MIX_DIR = packaged_dir("data_mixes")
 
 _MIX_KEYS = {"sources", "schedule", "description"}
 _SOURCE_KEYS = {"shards", "augment", "weight", "mixup"}
@@ -169,7 +170,7 @@ class DataMix:
             return int(manifest["num_samples"])
         if default is not None:
             return default
-        raise ValueError(
+        raise MixError(
             f"data mix {self.path}, source {name!r}: its size is unknown (no manifest.json lists all of its "
             f"shards); write one (scripts/folder_to_shards.py does) or give the epoch size explicitly"
         )

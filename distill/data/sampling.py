@@ -12,19 +12,11 @@ shard count. Everything here is a function of its arguments: a reader can recomp
 """
 from __future__ import annotations
 
-import hashlib
-import struct
 from typing import Sequence
 
 import numpy as np
 
 Segment = tuple[int, int, int]  # (shard index, first sample in the shard, number of samples)
-
-
-def mix_seed(*parts: int) -> int:
-    """A 63-bit seed from integers, well mixed (nearby inputs give unrelated seeds)."""
-    digest = hashlib.blake2b(struct.pack(f"<{len(parts)}q", *(int(p) for p in parts)), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 def share_bounds(total: int, parts: int, index: int) -> tuple[int, int]:

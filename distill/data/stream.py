@@ -19,8 +19,9 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from distill.data.augment import create_augment
-from distill.data.mix import DataMix
-from distill.data.sampling import mix_seed, pass_share
+from distill.data.mix import DataMix, MixError
+from distill.data.sampling import pass_share
+from distill.engine.rng import mix_seed
 from distill.data.shards import (
     SkipCounter,
     decode_augmented,
@@ -175,7 +176,7 @@ class MixedStream(IterableDataset):
         readers = self.world_size * num_workers
         for name, sizes in zip(self.mix.source_names, self.sizes):
             if sum(sizes) < readers:
-                raise ValueError(
+                raise MixError(
                     f"data mix {self.mix.path}, source {name!r}: {sum(sizes)} samples cannot be shared by "
                     f"{self.world_size} processes x {num_workers} loader workers = {readers} readers; "
                     f"use fewer loader workers (data.num_workers)"

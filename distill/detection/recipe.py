@@ -11,7 +11,21 @@ from typing import Optional, Sequence
 
 from omegaconf import DictConfig
 
-from distill.config import RECIPE_DIR, ConfigError, load_config
+from distill.config import (
+    BATCH,
+    FRACTION,
+    MAX_CLASSES,
+    PROBABILITY,
+    RECIPE_DIR,
+    SEED,
+    SIDE,
+    WORKERS,
+    ConfigError,
+    Range,
+    above,
+    at_least,
+    load_config,
+)
 
 
 @dataclass
@@ -117,8 +131,62 @@ DET_CHOICES = {
 }
 
 
+# Upper bounds are far beyond RT-DETR's settings (width 256, 300 queries, 6 decoder layers at most): a typo
+# stops at load rather than in an allocation.
+DET_RANGES = {
+    "model.num_classes": at_least(1, MAX_CLASSES),
+    "model.hidden_dim": at_least(1, 8192),
+    "model.expansion": above(0, 16),
+    "model.num_queries": at_least(1, 10_000),
+    "model.num_decoder_layers": at_least(1, 64),
+    "model.num_heads": at_least(1, 256),
+    "model.num_points": at_least(1, 64),
+    "model.dim_feedforward": at_least(1, 65_536),
+    "model.num_denoising": at_least(0, 10_000),
+    "model.label_noise_ratio": PROBABILITY,
+    "model.box_noise_scale": at_least(0),
+    "model.out_strides": Range(1, 64, min_length=1),
+    "model.depth_mult": above(0, 16),
+    "model.dropout": FRACTION,
+    "data.img_size": SIDE,
+    "data.multiscale": SIDE,
+    "data.batch_size": BATCH,
+    "data.global_batch_size": BATCH,
+    "data.val_batch_size": BATCH,
+    "data.num_workers": WORKERS,
+    "optim.lr": above(0),
+    "optim.backbone_lr": at_least(0),
+    "optim.weight_decay": at_least(0),
+    "optim.betas": Range(0.0, 1.0, hi_open=True, length=2),
+    "optim.eps": above(0),
+    "optim.warmup_steps": at_least(0),
+    "optim.min_lr_ratio": PROBABILITY,
+    "optim.clip_grad": above(0),
+    "optim.grad_accum": at_least(1, 2**20),
+    "train.epochs": above(0),
+    "train.steps": at_least(1),
+    "train.seed": SEED,
+    "train.ema_decay": PROBABILITY,
+    "train.no_aug_epochs": at_least(0),
+    "train.log_every": at_least(1),
+    "train.ckpt_every": at_least(1),
+    "train.keep_ckpts": at_least(1),
+    "train.eval_every": at_least(0),
+    "train.max_bad_steps": at_least(1),
+    "eval.num_top": at_least(1, 100_000),
+    "eval.visualize": at_least(0, 1000),
+    "eval.score_threshold": PROBABILITY,
+}
+
+
 def load_det_config(argv: Sequence[str], recipe_dir: Path = RECIPE_DIR) -> DictConfig:
-    cfg = load_config(DetConfig, argv, recipe_dir, DET_CHOICES)
+    from distill.engine.logging import check_trackers
+
+    cfg = load_config(DetConfig, argv, recipe_dir, DET_CHOICES, DET_RANGES)
+    check_trackers(cfg.train.trackers, "train.trackers")
+    if cfg.model.hidden_dim % cfg.model.num_heads:
+        raise ConfigError(f"model.hidden_dim={cfg.model.hidden_dim} must be a multiple of "
+                          f"model.num_heads={cfg.model.num_heads}")
     bad = [s for s in list(cfg.data.multiscale) + [cfg.data.img_size] if s <= 0 or s % 32]
     if bad:
         raise ConfigError(f"data.img_size / data.multiscale must be positive multiples of 32, got {bad}")

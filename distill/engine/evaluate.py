@@ -1,10 +1,11 @@
 """Top-1 / top-5 of several classifiers over one pass of the validation shards, summed across processes."""
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Optional
 
 import torch
-from tqdm.auto import tqdm
+
+from distill.engine.progress import ProgressBar
 
 
 @torch.no_grad()
@@ -13,13 +14,17 @@ def evaluate_topk(
     loader: Iterable[dict],
     accelerator,
     ks: tuple[int, ...] = (1, 5),
+    total_images: Optional[int] = None,
 ) -> dict[str, float]:
     """`models` map a name to a function of a [0, 1] image batch; returns `{name}_top{k}` in percent and
-    `val_samples`, the number of images evaluated over all processes."""
+    `val_samples`, the number of images evaluated over all processes. `total_images`: how many this process
+    will see (the progress bar's total), when known."""
     device = accelerator.device
     correct = torch.zeros(len(models), len(ks), device=device, dtype=torch.float64)
     seen = torch.zeros((), device=device, dtype=torch.float64)
-    for batch in tqdm(loader, desc="eval", disable=not accelerator.is_main_process, leave=False):
+    bar = ProgressBar(total_images, "eval", unit="img", enabled=accelerator.is_main_process)
+    for batch in loader:
+        bar.update(bar.step + len(batch["label"]), images=len(batch["label"]))
         images = batch["image"].to(device, non_blocking=True).float().div_(255)
         labels = batch["label"].to(device, non_blocking=True)
         seen += labels.numel()
@@ -30,6 +35,7 @@ def evaluate_topk(
                 hits = top == labels[:, None]
                 for j, k in enumerate(ks):
                     correct[i, j] += hits[:, :k].any(dim=-1).sum()
+    bar.close()
     correct = accelerator.reduce(correct, reduction="sum")
     seen = int(accelerator.reduce(seen, reduction="sum"))
     return {

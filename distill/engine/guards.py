@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from distill.losses import NonFiniteLoss
+from distill.errors import NonFiniteLoss
 
 logger = logging.getLogger("distill")
 

@@ -1,18 +1,26 @@
-"""The Accelerator of a run and its trackers: tensorboard (Accelerate's own) and a JSONL file."""
+"""The Accelerator of a run and its trackers: a JSONL file always, plus any of Accelerate's (tensorboard, wandb,
+mlflow, ...) that the recipe names."""
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from accelerate import Accelerator
-from accelerate.tracking import GeneralTracker
+from accelerate.tracking import LOGGER_TYPE_TO_CLASS, GeneralTracker, get_available_trackers
 from accelerate.utils import ProjectConfiguration
 
+from distill.errors import ConfigError
+
 logger = logging.getLogger("distill")
+
+PROJECT = "distill"  # the tracker project (wandb / mlflow / comet); runs in it are named after their folder
+# trackers whose run-name argument Accelerate passes through
+RUN_NAME_ARGUMENT = {"wandb": "name", "mlflow": "run_name", "trackio": "name"}
 
 
 class JsonlTracker(GeneralTracker):
@@ -45,28 +53,55 @@ def _plain(value):
     return value.item() if isinstance(value, torch.Tensor) else value
 
 
-def resolve_precision(precision: str) -> str:
-    """`auto`: bf16 on GPUs that have it, full precision elsewhere (CPU autocast is slow to no gain)."""
+def known_trackers() -> list[str]:
+    return sorted({"jsonl", *LOGGER_TYPE_TO_CLASS})
+
+
+def check_trackers(names: Sequence[str], key: str = "train.trackers") -> None:
+    """Every named tracker exists and is installed: a run that was asked for metrics somewhere gets them there,
+    or does not start."""
+    known = known_trackers()
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ConfigError(f"{key}: unknown tracker {', '.join(map(repr, unknown))}; known trackers: {', '.join(known)}")
+    available = {str(t) for t in get_available_trackers()}
+    missing = [n for n in names if n != "jsonl" and n not in available]
+    if missing:
+        hints = [f"'distill[{n}]'" if n == "wandb" else n for n in missing]  # each tracker's package: its name
+        raise ConfigError(f"{key} names {', '.join(missing)}, which is not installed: pip install {' '.join(hints)} "
+                          f"(or leave it out of {key})")
+
+
+def resolve_precision(precision: str) -> Optional[str]:
+    """The `mixed_precision` to hand the Accelerator, or None to leave it to Accelerate.
+
+    A recipe that names a precision gets it. `auto` follows `accelerate launch` (its `--mixed_precision` or
+    `accelerate config`); launched any other way, bf16 on GPUs that have it, full precision elsewhere (CPU
+    autocast is slow to no gain)."""
     if precision != "auto":
         return precision
+    if os.environ.get("ACCELERATE_MIXED_PRECISION"):
+        return None
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return "bf16"
     return "no"
 
 
 def make_accelerator(
-    precision: str, grad_accum: int, output_dir: str | Path, trackers: Sequence[str] = ("tensorboard", "jsonl")
+    precision: str, grad_accum: int, output_dir: str | Path, trackers: Sequence[str] = ("tensorboard",)
 ) -> Accelerator:
+    """`trackers` are Accelerate's tracker names; `metrics.jsonl` in `output_dir` is always written."""
     from distill.engine.distributed import start_processes
 
     start_processes()  # one run of all launched processes (gloo without CUDA), or a clear stop
-    log_with = [JsonlTracker("run", str(output_dir)) if t == "jsonl" else t for t in trackers]
+    log_with = [JsonlTracker("run", str(output_dir))] + [t for t in dict.fromkeys(trackers) if t != "jsonl"]
+    mixed_precision = resolve_precision(precision)
     if torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest kernels once
     accelerator = Accelerator(
-        mixed_precision=resolve_precision(precision),
+        **({"mixed_precision": mixed_precision} if mixed_precision else {}),
         gradient_accumulation_steps=grad_accum,
-        log_with=log_with or None,
+        log_with=log_with,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir)),
     )
     logging.basicConfig(
@@ -74,3 +109,32 @@ def make_accelerator(
         level=logging.INFO if accelerator.is_main_process else logging.WARNING,
     )
     return accelerator
+
+
+def run_name(cfg) -> str:
+    """A run is named after its folder (`runs/<recipe>` unless `output_dir` says otherwise)."""
+    return Path(cfg.output_dir).name
+
+
+def start_trackers(accelerator: Accelerator, cfg, project: str = PROJECT) -> None:
+    """Start the trackers with the resolved configuration (flattened to dotted keys of plain values, as
+    tensorboard's hparams and the hosted trackers take them) and the run's name."""
+    from omegaconf import OmegaConf
+
+    name = run_name(cfg)
+    init_kwargs = {tracker: {argument: name} for tracker, argument in RUN_NAME_ARGUMENT.items()}
+    accelerator.init_trackers(project, config=flat_config(OmegaConf.to_container(cfg, resolve=True)),
+                              init_kwargs=init_kwargs)
+
+
+def flat_config(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": 1}, "c": [1, 2]}` -> `{"a.b": 1, "c": "[1, 2]"}`: scalars stay, lists become text."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat |= flat_config(value, f"{prefix}{key}.")
+        elif isinstance(value, (list, tuple)):
+            flat[f"{prefix}{key}"] = json.dumps(value)
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

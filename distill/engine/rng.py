@@ -6,12 +6,18 @@ states are plain lists and tensors, so checkpoints load with `torch.load(weights
 """
 from __future__ import annotations
 
+import hashlib
 import random
+import struct
 
 import numpy as np
 import torch
 
-from distill.data.sampling import mix_seed
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, well mixed (nearby inputs give unrelated seeds)."""
+    digest = hashlib.blake2b(struct.pack(f"<{len(parts)}q", *(int(p) for p in parts)), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def seed_everything(seed: int) -> None:

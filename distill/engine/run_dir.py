@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from distill.config import ConfigError
+from distill.errors import ConfigError
 from distill.engine.checkpoint import CKPT_PATTERN
 from distill.engine.distributed import broadcast_from_main
 
@@ -20,7 +20,7 @@ logger = logging.getLogger("distill")
 
 RUN_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "teacher.pt", "predictions.json", "predictions.png")
 RUN_GLOBS = ("ckpt-*.pt", "keys-rank*.tsv", ".ckpt-*.tmp")
-TRACKER_DIRS = ("pretrain", "finetune_det")  # tensorboard's event folders, named after the entry point
+TRACKER_DIRS = ("distill",)  # tensorboard event folders (the trackers' project name)
 
 
 def run_files(folder: Path) -> list[Path]:

@@ -11,7 +11,8 @@ import sys
 
 import yaml
 
-from distill.config import exit_on_user_error
+from distill.cli import user_errors
+from distill.errors import require
 from distill.export.targets import DETECTOR_TARGETS, STUDENT_TARGETS, TARGETS
 from distill.export.onnx_detector import is_detection_source
 from distill.export.source import WEIGHTS, load_student
@@ -57,14 +58,21 @@ def target_options(fn, args) -> dict:
     return {k: v for k, v in options.items() if k in wanted and k not in ("run", "source", "out") and v is not None}
 
 
-@exit_on_user_error
+# optional packages a target needs: target -> (module, extra)
+TARGET_EXTRAS = {"hf-rtdetr": ("transformers", "hf")}
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        return export(args)
-    except ValueError as e:  # a checkpoint or target that does not fit the model (CheckpointMismatch included)
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    with user_errors():
+        if args.to in TARGET_EXTRAS:
+            module, extra = TARGET_EXTRAS[args.to]
+            require(module, extra, f"--to {args.to}")
+        try:
+            return export(args)
+        except ValueError as e:  # a checkpoint or target that does not fit the model (CheckpointMismatch included)
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
 
 
 def export(args) -> int:

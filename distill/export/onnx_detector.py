@@ -1,7 +1,6 @@
 """A fine-tuned RT-DETR as one ONNX graph: normalisation, detector and post-processing (top-K, xyxy pixels).
 
-    python -m distill.export.onnx_detector runs/rtdetr_mnv4_conv_s --out exported/detector
-    python -m distill.export runs/rtdetr_mnv4_conv_s --to onnx --out exported/detector    # the same
+    python -m distill.export runs/rtdetr_mnv4_conv_s --to onnx --out exported/detector
 
 Inputs: `images` (B, 3, S, S) float RGB in [0, 1] at the run's evaluation side S, and `orig_sizes` (B, 2)
 as (width, height) of the original images. Outputs: `scores` (B, K), `labels` (B, K) int64, `boxes`
@@ -11,7 +10,6 @@ anchors are laid out for it). `model.onnx` is accompanied by `distill.json` (sid
 from __future__ import annotations
 
 import json
-import sys
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -125,13 +123,3 @@ def export_onnx_detector(
     atomic_write_text(out / "distill.json", json.dumps(card, indent=2) + "\n")
     return out
 
-
-def main(argv=None) -> int:
-    """The same as `python -m distill.export SOURCE --to onnx ...`."""
-    from distill.export.__main__ import main as export_main
-
-    return export_main([*(sys.argv[1:] if argv is None else argv), "--to", "onnx"])
-
-
-if __name__ == "__main__":
-    main()

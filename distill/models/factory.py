@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.engine.checkpoint import CheckpointMismatch, load_checkpoint, load_state_strict
+from distill.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -75,7 +76,7 @@ def _torchvision_model(name, num_classes, pretrained, drop_rate, drop_path_rate)
     import torchvision
 
     if drop_path_rate:
-        raise ValueError(f"torchvision/{name} has no stochastic depth; set student.drop_path_rate=0")
+        raise ConfigError(f"torchvision/{name} has no stochastic depth; set student.drop_path_rate=0")
     model = torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None)
     if num_classes is not None and model.fc.out_features != num_classes:
         model.fc = nn.Linear(model.fc.in_features, num_classes)
@@ -97,10 +98,15 @@ def create_model(
     source, model_name = split_name(name)
     try:
         model = _SOURCES[source](model_name, num_classes, pretrained, drop_rate, drop_path_rate)
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:  # timm: RuntimeError, torchvision: ValueError
         if "Unknown model" in str(e) or "Unknown model" in repr(e):
-            raise ValueError(f"unknown model {name!r} (timm.list_models() lists timm's)") from None
+            raise ConfigError(f"unknown model {name!r} (timm.list_models() lists timm's; "
+                              f"torchvision's are named torchvision/<name>)") from None
+        if isinstance(e, ValueError):  # a malformed name or arguments the model does not take
+            raise ConfigError(f"cannot build model {name!r}: {e}") from None
         raise
+    except OSError as e:  # hub weights out of reach (no network, or offline mode)
+        raise ConfigError(f"cannot fetch the pretrained weights of {name!r}: {e}") from None
     if checkpoint:
         load_state_strict(model, read_state_dict(checkpoint), source=f"checkpoint {checkpoint}")
     return model

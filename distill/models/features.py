@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from distill.engine.checkpoint import CheckpointMismatch, describe_mismatch
+from distill.errors import ConfigError
 from distill.models.factory import IMAGENET_MEAN, IMAGENET_STD, read_state_dict
 
 _FEATURE_SOURCES: dict[str, Callable[..., nn.Module]] = {}
@@ -49,7 +50,7 @@ def _indices_for_strides(available: Sequence[int], out_strides: Sequence[int], n
     for stride in out_strides:
         found = [i for i, r in enumerate(available) if r == stride]
         if not found:
-            raise ValueError(f"{name} has no feature map at stride {stride} (it has strides {list(available)})")
+            raise ConfigError(f"{name} has no feature map at stride {stride} (it has strides {list(available)})")
         indices.append(found[-1])
     return indices
 
@@ -111,7 +112,7 @@ def _torchvision_features(name: str, pretrained: bool, out_strides: Sequence[int
 
     family = next((f for f in TORCHVISION_STAGES if name.startswith(f)), None)
     if family is None:
-        raise ValueError(f"torchvision/{name}: no feature stages known (known families: {sorted(TORCHVISION_STAGES)})")
+        raise ConfigError(f"torchvision/{name}: no feature stages known (known families: {sorted(TORCHVISION_STAGES)})")
     net = torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None)
     return SequentialStages(net, TORCHVISION_STAGES[family], out_strides, f"torchvision/{name}")
 
@@ -150,10 +151,15 @@ def create_feature_extractor(
     source, model_name = _split(name)
     try:
         model = _FEATURE_SOURCES[source](model_name, pretrained, tuple(out_strides))
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:  # timm: RuntimeError, torchvision: ValueError
         if "Unknown model" in str(e):
-            raise ValueError(f"unknown model {name!r} (timm.list_models() lists timm's)") from None
+            raise ConfigError(f"unknown model {name!r} (timm.list_models() lists timm's; "
+                              f"torchvision's are named torchvision/<name>)") from None
+        if isinstance(e, ValueError):  # a malformed name or arguments the model does not take
+            raise ConfigError(f"cannot build model {name!r}: {e}") from None
         raise
+    except OSError as e:  # hub weights out of reach (no network, or offline mode)
+        raise ConfigError(f"cannot fetch the pretrained weights of {name!r}: {e}") from None
     if checkpoint:
         load_feature_weights(model, checkpoint, name)
     return model

@@ -11,7 +11,7 @@ import torch
 from distill.config import ConfigError
 from distill.data.loader import build_train_loader
 from distill.data.mix import DataMix
-from distill.engine.teachers import fit_supervised
+from distill.models.teacher_fit import fit_supervised
 from distill.models.factory import create_model
 from distill.models.teacher import FrozenTeacher, create_teacher
 

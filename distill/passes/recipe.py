@@ -8,7 +8,20 @@ from typing import Optional, Sequence
 
 from omegaconf import DictConfig
 
-from distill.config import RECIPE_DIR, ConfigError, load_config
+from distill.config import (
+    BATCH,
+    MAX_CLASSES,
+    MEAN_STD,
+    RECIPE_DIR,
+    SEED,
+    SIDE,
+    WORKERS,
+    ConfigError,
+    Range,
+    above,
+    at_least,
+    load_config,
+)
 
 
 @dataclass
@@ -79,13 +92,38 @@ CURATE_CHOICES = {
 }
 
 
+def frozen_model_ranges(role: str) -> dict[str, Range]:
+    return {
+        f"{role}.num_classes": at_least(1, MAX_CLASSES),
+        f"{role}.img_size": SIDE,
+        f"{role}.mean": MEAN_STD,
+        f"{role}.std": MEAN_STD,
+        f"{role}.fit_steps": at_least(0),
+        f"{role}.fit_lr": above(0),
+        f"{role}.fit_img_size": SIDE,
+        f"{role}.fit_batch_size": BATCH,
+    }
+
+
+JPEG_QUALITY = at_least(1, 100)
+CURATE_RANGES = {
+    "maxcount": at_least(1),
+    "quality": JPEG_QUALITY,
+    "pool.folder_chunk": at_least(1),
+    **frozen_model_ranges("scorer"),
+    "select.threshold": Range(0.0, 1.0, hi_open=True),
+    "select.per_class": at_least(1),
+    "select.hist_bins": at_least(1, 10_000),
+    "crop_pct": above(0, 1),
+    "batch_size": BATCH,
+    "num_workers": WORKERS,
+    "checkpoint_every": at_least(1),
+    "seed": SEED,
+}
+
+
 def load_curate_config(argv: Sequence[str], recipe_dir: Path = RECIPE_DIR) -> DictConfig:
-    cfg = load_config(CurateConfig, argv, recipe_dir, CURATE_CHOICES)
-    if not 0.0 <= cfg.select.threshold < 1.0:
-        raise ConfigError(f"select.threshold={cfg.select.threshold} must be in [0, 1)")
-    for key in ("select.per_class", "batch_size", "checkpoint_every", "maxcount", "pool.folder_chunk"):
-        if _get(cfg, key) < 1:
-            raise ConfigError(f"{key}={_get(cfg, key)} must be at least 1")
+    cfg = load_config(CurateConfig, argv, recipe_dir, CURATE_CHOICES, CURATE_RANGES)
     if bool(cfg.pool.shards) == bool(cfg.pool.folder):
         raise ConfigError("give the image pool as exactly one of pool.shards=SPEC or pool.folder=PATH")
     cfg.output_dir = under_root(cfg.data_root, cfg.output_dir or Path(cfg.recipe).stem)
@@ -127,13 +165,21 @@ class LabelConfig:
 LABEL_CHOICES = {"precision": ("auto", "no", "bf16", "fp16"), "generate": (None, "demo")}
 
 
+LABEL_RANGES = {
+    **frozen_model_ranges("teacher"),
+    "view.img_size": SIDE,
+    "view.replicas": at_least(1, 10_000),
+    "view.replicas_per_source": at_least(1, 10_000),
+    "view.quality": JPEG_QUALITY,
+    "view.topk": at_least(1),
+    "batch_size": BATCH,
+    "num_workers": WORKERS,
+    "seed": SEED,
+}
+
+
 def load_label_config(argv: Sequence[str], recipe_dir: Path = RECIPE_DIR) -> DictConfig:
-    cfg = load_config(LabelConfig, argv, recipe_dir, LABEL_CHOICES)
-    for key in ("view.replicas", "view.topk", "view.img_size", "batch_size"):
-        if _get(cfg, key) < 1:
-            raise ConfigError(f"{key}={_get(cfg, key)} must be at least 1")
-    if not 1 <= cfg.view.quality <= 100:
-        raise ConfigError(f"view.quality={cfg.view.quality} must be in [1, 100]")
+    cfg = load_config(LabelConfig, argv, recipe_dir, LABEL_CHOICES, LABEL_RANGES)
     if cfg.view.topk > cfg.teacher.num_classes:
         raise ConfigError(f"view.topk={cfg.view.topk} exceeds teacher.num_classes={cfg.teacher.num_classes}")
     cfg.output_dir = under_root(cfg.data_root, cfg.output_dir or Path(cfg.recipe).stem)
@@ -144,10 +190,3 @@ def under_root(root: str, path) -> str:
     """Outputs of the passes are data: a relative path lands under the data root, where mixes find it."""
     path = Path(path)
     return str(path if path.is_absolute() else Path(root) / path)
-
-
-def _get(cfg: DictConfig, dotted: str):
-    node = cfg
-    for part in dotted.split("."):
-        node = node[part]
-    return node

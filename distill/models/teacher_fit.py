@@ -10,13 +10,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from distill.data.loader import build_train_loader
 from distill.engine.checkpoint import atomic_save, load_checkpoint
 from distill.engine.distributed import broadcast_from_main
 from distill.engine.rng import seed_process
 from distill.engine.optim import build_optimizer, warmup_cosine
-from distill.data.loader import build_train_loader
+from distill.engine.progress import ProgressBar
+from distill.errors import ConfigError
 from distill.models.factory import create_model, input_spec
 from distill.models.teacher import InputAdapter, create_teacher
 
@@ -54,8 +55,8 @@ def fit_supervised(model, loader, steps: int, lr: float, accelerator, out_path: 
     model, optimizer = accelerator.prepare(model, optimizer)
     seed_process(seed, accelerator.process_index)
     model.train()
-    bar = tqdm(islice(loader, steps), total=steps, desc="teacher", disable=not accelerator.is_main_process)
-    for i, batch in enumerate(bar):
+    bar = ProgressBar(steps, "teacher", enabled=accelerator.is_main_process)
+    for i, batch in enumerate(islice(loader, steps)):
         images = batch["image"].to(accelerator.device, non_blocking=True).float().div_(255)
         labels = batch["label"].to(accelerator.device, non_blocking=True)
         with accelerator.autocast():
@@ -64,8 +65,10 @@ def fit_supervised(model, loader, steps: int, lr: float, accelerator, out_path: 
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        if i % 20 == 0:  # a host sync only now and then
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        bar.update(i + 1, images=len(images) * accelerator.num_processes)
+        if (i + 1) % 20 == 0 or i + 1 == steps:  # a host sync only now and then
+            bar.log(loss=loss.item())
+    bar.close()
     model = accelerator.unwrap_model(model).eval()
     if accelerator.is_main_process:
         atomic_save({"model": model.state_dict(), "fingerprint": fingerprint}, out_path)
@@ -79,14 +82,16 @@ def build_teacher(cfg, mix, accelerator, out: Path):
     checkpoint = t.checkpoint
     if not checkpoint and not t.pretrained:
         if t.fit_steps <= 0:
-            raise SystemExit(
-                "error: the teacher has no weights: set teacher.checkpoint=PATH, teacher.pretrained=true, "
+            raise ConfigError(
+                "the teacher has no weights: set teacher.checkpoint=PATH, teacher.pretrained=true, "
                 "or teacher.fit_steps=N to train one on labels first"
             )
         checkpoint = str(out / "teacher.pt")
         fingerprint = fit_fingerprint(cfg, mix, accelerator.num_processes)
         fitted = _fitted_with(Path(checkpoint), fingerprint) if accelerator.is_main_process else None
         if not broadcast_from_main(fitted):  # one decision for all processes
+            logger.info("the teacher %s has no weights: training it on labels for %d steps first "
+                        "(teacher.fit_steps; saved as %s)", t.name, t.fit_steps, checkpoint)
             model = create_model(t.name, num_classes=cfg.student.num_classes)
             loader = build_train_loader(
                 mix, cfg.data.img_size, cfg.data.batch_size, cfg.data.num_workers, cfg.train.seed + 1,
@@ -98,8 +103,8 @@ def build_teacher(cfg, mix, accelerator, out: Path):
     teacher = create_teacher(t.name, t.pretrained and not checkpoint, checkpoint, cfg.student.num_classes,
                              t.img_size, t.mean, t.std)
     if teacher.num_classes != cfg.student.num_classes:
-        raise SystemExit(
-            f"error: the teacher {t.name} predicts {teacher.num_classes} classes but student.num_classes="
+        raise ConfigError(
+            f"the teacher {t.name} predicts {teacher.num_classes} classes but student.num_classes="
             f"{cfg.student.num_classes}; they must agree"
         )
     if t.channels_last:
@@ -107,3 +112,19 @@ def build_teacher(cfg, mix, accelerator, out: Path):
     if t.compile:
         teacher = torch.compile(teacher)
     return teacher.to(accelerator.device)
+
+
+def describe_teacher(cfg) -> str:
+    """Where the run's soft labels come from, in a line for the start-up banner."""
+    t = cfg.teacher
+    if t.mode == "offline":
+        return f"offline: stored soft labels of mix {cfg.data.mix}, at temperature {cfg.loss.temperature}"
+    if not cfg.loss.kd_weight:
+        return "none (loss.kd_weight=0: labels only)"
+    if t.checkpoint:
+        source = f"weights from {t.checkpoint}"
+    elif t.pretrained:
+        source = "hub weights"
+    else:
+        source = f"trained on labels for {t.fit_steps} steps first (teacher.fit_steps)"
+    return f"online, {source}; temperature {cfg.loss.temperature}, kd_weight {cfg.loss.kd_weight}"
