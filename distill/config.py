@@ -47,6 +47,7 @@ class TeacherConfig:
     pretrained: bool = True
     checkpoint: Optional[str] = None  # a local checkpoint file instead of hub weights
     img_size: Optional[int] = None  # default: the teacher's own pretrained input size
+    interpolation: Optional[str] = None  # resizing the view to img_size; default: the teacher's own (timm config)
     mean: Optional[list[float]] = None  # default: the teacher's own normalisation
     std: Optional[list[float]] = None
     channels_last: bool = False
@@ -69,7 +70,9 @@ class DataConfig:
     val_shards: Optional[str] = None  # relative to `root`; brace patterns allowed
     val_batch_size: int = 256
     val_crop_pct: float = 0.875
-    samples_per_epoch: Optional[int] = None  # default: the mix's first source size from its manifest
+    # Images in one epoch (1,281,167 for ImageNet-1k). Default: the images of the mix's first source, from its
+    # manifest (stored views count once per image, not once per replica).
+    samples_per_epoch: Optional[int] = None
     record_keys: bool = False  # audit: each process writes the (source, key) of every sample it trains on
 
 
@@ -101,7 +104,7 @@ class TrainConfig:
     seed: int = 0
     precision: str = "auto"  # auto (bf16 where supported), no, bf16, fp16
     ema_decay: float = 0.9998
-    ema_warmup: bool = True
+    ema_warmup: bool = True  # average all weights so far until the decay's horizon is filled (engine/ema.py)
     log_every: int = 50
     ckpt_every: int = 1000
     keep_ckpts: int = 2
@@ -115,6 +118,7 @@ class PretrainConfig:
     recipe: str = ""
     output_dir: Optional[str] = None  # default: runs/<recipe>
     resume: Optional[str] = None  # "auto": newest checkpoint in output_dir; or a checkpoint path
+    dry_run: Optional[int] = None  # N: print the run's plan as if on N processes and exit, reading no images
     student: StudentConfig = field(default_factory=StudentConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -125,6 +129,7 @@ class PretrainConfig:
 
 PRETRAIN_CHOICES = {
     "teacher.mode": ("online", "offline"),
+    "teacher.interpolation": (None, "bilinear", "bicubic"),
     "train.precision": ("auto", "no", "bf16", "fp16"),
 }
 
@@ -240,7 +245,7 @@ def load_config(
     for key, allowed in (choices or {}).items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}")
     return cfg
 
 

@@ -29,8 +29,9 @@ from distill.engine.rng import seed_everything
 from distill.engine.state import Progress, load_pretrain_checkpoint, save_pretrain_checkpoint
 from distill.engine.teachers import build_teacher
 from distill.engine.guards import update_is_finite, weight_checksums
-from distill.engine.plan import plan_steps
-from distill.losses import NonFiniteLoss, dense_from_topk, distillation_loss, soften
+from distill.engine.ema import build_ema
+from distill.engine.plan import check_stored_views, describe_run, plan_run, plan_steps, print_plan
+from distill.losses import NonFiniteLoss, distillation_loss, soften, stored_targets
 from distill.models.factory import create_model, input_spec
 from distill.models.teacher import InputAdapter
 
@@ -40,6 +41,9 @@ logger = logging.getLogger("distill")
 @exit_on_user_error
 def main(argv=None) -> dict:
     cfg = load_pretrain_config(sys.argv[1:] if argv is None else argv)
+    if cfg.dry_run is not None:  # the plan only: no accelerator, no data read or generated
+        plan = plan_run(cfg, cfg.dry_run)
+        return print_plan(plan, describe_run(plan))
     out = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg.train.precision, cfg.optim.grad_accum, out, cfg.train.trackers)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
@@ -54,6 +58,8 @@ def main(argv=None) -> dict:
     if offline and any(mix.mixup_flags):
         raise ConfigError(f"teacher.mode=offline: the stored views are mixed already; {cfg.data.mix} must not "
                           f"set mixup on {[n for n, m in zip(mix.source_names, mix.mixup_flags) if m]}")
+    if offline:
+        check_stored_views(mix, cfg.data.img_size)
     total_steps, global_batch, warmup = plan_steps(cfg, mix, world)
     if accelerator.is_main_process:
         save_config(cfg, out / "config.yaml")
@@ -65,9 +71,7 @@ def main(argv=None) -> dict:
     student_input = InputAdapter(input_spec(student)).to(device)
     if cfg.student.channels_last:
         student = student.to(memory_format=torch.channels_last)
-    from timm.utils import ModelEmaV3
-
-    ema = ModelEmaV3(student, decay=cfg.train.ema_decay, use_warmup=cfg.train.ema_warmup)
+    ema = build_ema(student, cfg.train.ema_decay, cfg.train.ema_warmup)
     optimizer = build_optimizer(student, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps)
     scheduler = warmup_cosine(optimizer, warmup, total_steps, cfg.optim.min_lr / cfg.optim.lr)
     student, optimizer = accelerator.prepare(student, optimizer)
@@ -105,12 +109,13 @@ def main(argv=None) -> dict:
             if key_log:
                 key_log.writelines(f"{mix.source_names[s]}\t{k}\n" for s, k in zip(batch["source"].tolist(), batch["key"]))
             images, partner, lam = mixup_batch(images, mixup_sources[sources])
+            partner_labels = labels[partner]
             if cfg.student.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with accelerator.accumulate(student):
-                if offline:
-                    targets = dense_from_topk(batch["soft_idx"].to(device), batch["soft_prob"].to(device),
-                                              cfg.student.num_classes, cfg.loss.temperature)
+                if offline:  # stored views were mixed when labelled: their partner's label and weight come along
+                    targets, partner_labels, lam = stored_targets(batch, cfg.student.num_classes,
+                                                                  cfg.loss.temperature, device)
                 elif teacher is not None:
                     with accelerator.autocast():
                         targets = soften(teacher(images), cfg.loss.temperature)
@@ -119,7 +124,7 @@ def main(argv=None) -> dict:
                 with accelerator.autocast():
                     logits = student(student_input(images))
                 terms = distillation_loss(
-                    logits, targets, labels, partner, lam, cfg.loss.temperature,
+                    logits, targets, labels, partner_labels, lam, cfg.loss.temperature,
                     cfg.loss.kd_weight, cfg.loss.ce_weight, cfg.loss.label_smoothing,
                 )
                 accelerator.backward(terms["loss"])

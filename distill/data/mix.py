@@ -250,8 +250,8 @@ class MixedStream(IterableDataset):
     Corrupt samples and unreadable shards are skipped; "skipped" counts those met since the previous yielded
     sample of this worker, so summing it over batches counts them all. `shuffle_buffer` mixes samples across
     shard boundaries (raw bytes, per source; 0 keeps shard order); `with_keys` adds each sample's "key";
-    `soft_labels` adds the stored offline teacher labels "soft_idx" (int64 (k,)) and "soft_prob" (float32 (k,)),
-    and a sample without them counts as corrupt.
+    `soft_labels` adds the stored offline teacher labels "soft_idx" (int64 (k,)), "soft_prob" (float32 (k,)),
+    "partner_label" and "lam" (`decode_soft_labels`), and a sample without them counts as corrupt.
     """
 
     MAX_CONSECUTIVE_FAILURES = 1000  # a source this broken is an error, not a few bad samples
@@ -342,7 +342,7 @@ class MixedStream(IterableDataset):
                                        f"{self.MAX_CONSECUTIVE_FAILURES} consecutive samples failed to decode")
                 out = {"image": torch.from_numpy(chw), "label": label, "source": s, "skipped": skips.count - reported}
                 if soft is not None:
-                    out["soft_idx"], out["soft_prob"] = torch.from_numpy(soft[0]), torch.from_numpy(soft[1])
+                    out.update(soft)
                 if self.with_keys:
                     out["key"] = sample["__key__"]
                 yield out
