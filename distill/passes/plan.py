@@ -128,7 +128,10 @@ def plan_curation(cfg, processes: int) -> dict:
         images, origin = int(cfg.pool.num_images), "pool.num_images"
     hub = bool(cfg.scorer.pretrained and not cfg.scorer.checkpoint)
     head = None if hub else cfg.scorer.num_classes
-    side = cfg.scorer.img_size or model_spec(cfg.scorer.name, head).img_size
+    try:
+        side = cfg.scorer.img_size or model_spec(cfg.scorer.name, head).img_size
+    except Exception:  # a model this machine cannot build without its files
+        side = 224
     scorer_gflops = gflops(cfg.scorer.name, side, head)
     k, classes = int(cfg.select.per_class), int(cfg.scorer.num_classes)
     topk_entries = k * classes if images is None else min(k * classes, math.ceil(images / processes))
