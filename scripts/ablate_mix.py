@@ -1,7 +1,7 @@
 """The MobileNetV4 paper's data-mix ablation on a small proxy: D2 alone, D1+D2 (1:1) and D1+D2+D3 (1:1:2), the
 same student, teacher, steps and batch, several seeds each; a Markdown table of mean +- std top-1.
 
-    python scripts/ablate_mix.py                           # about 15 minutes on 2 CPU cores
+    python scripts/ablate_mix.py                           # 15-30 minutes on 2 CPU cores
     python scripts/ablate_mix.py --write-benchmarks        # and put the table in BENCHMARKS.md
 
 The proxy, all generated (`distill.data.synthetic`), nothing downloaded:
@@ -97,8 +97,8 @@ def main() -> None:
     p.add_argument("--per-class", type=int, default=100, help="K: curated D3 images per class")
     p.add_argument("--student", default="mobilenetv4_conv_small_035")
     p.add_argument("--teacher", default="resnet18")
-    p.add_argument("--teacher-steps", type=int, default=600)
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--teacher-steps", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=800)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.004)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
