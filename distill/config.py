@@ -54,6 +54,7 @@ class TeacherConfig:
     pretrained: bool = True
     checkpoint: Optional[str] = None  # a local checkpoint file instead of hub weights
     img_size: Optional[int] = None  # default: the teacher's own pretrained input size
+    interpolation: Optional[str] = None  # resizing the view to img_size; default: the teacher's own (timm config)
     mean: Optional[list[float]] = None  # default: the teacher's own normalisation
     std: Optional[list[float]] = None
     channels_last: bool = False
@@ -76,7 +77,9 @@ class DataConfig:
     val_shards: Optional[str] = None  # relative to `root`; brace patterns allowed
     val_batch_size: int = 256
     val_crop_pct: float = 0.875
-    samples_per_epoch: Optional[int] = None  # default: the mix's first source size from its manifest
+    # Images in one epoch (1,281,167 for ImageNet-1k). Default: the images of the mix's first source, from its
+    # manifest (stored views count once per image, not once per replica).
+    samples_per_epoch: Optional[int] = None
     record_keys: bool = False  # audit: each process writes the (source, key) of every sample it trains on
 
 
@@ -108,7 +111,7 @@ class TrainConfig:
     seed: int = 0
     precision: str = "auto"  # auto: as `accelerate launch` says (its --mixed_precision / accelerate config), else bf16 where supported
     ema_decay: float = 0.9998
-    ema_warmup: bool = True
+    ema_warmup: bool = True  # average all weights so far until the decay's horizon is filled (engine/ema.py)
     log_every: int = 50
     ckpt_every: int = 1000
     keep_ckpts: int = 2
@@ -123,6 +126,7 @@ class PretrainConfig:
     output_dir: Optional[str] = None  # default: runs/<recipe> (runs/<recipe>-2, ... when that holds a run)
     resume: Optional[str] = None  # "auto": newest checkpoint in output_dir; or a checkpoint path
     overwrite: bool = False  # start afresh in an output_dir that holds an earlier run, deleting its files
+    dry_run: Optional[int] = None  # N: print the run's plan as if on N processes and exit, reading no images
     student: StudentConfig = field(default_factory=StudentConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -208,6 +212,7 @@ MEAN_STD = Range(0.0, 1e3, lo_open=True, length=3)  # per RGB channel; a zero st
 PRETRAIN_CHOICES = {
     "teacher.mode": ("online", "offline"),
     "data.generate": (None, "demo"),
+    "teacher.interpolation": (None, "bilinear", "bicubic"),
     "train.precision": ("auto", "no", "bf16", "fp16"),
 }
 PRETRAIN_RANGES = {

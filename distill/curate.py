@@ -4,16 +4,20 @@ first, and fill short classes by repeating their images.
 
     accelerate launch distill/curate.py recipe=curate_d3 [key=value ...]
 
+    python distill/curate.py recipe=curate_d3 dry_run=64          # images to score, scorer PFLOPs, output
+
 Pass 1 scores every image (eval preprocessing) and keeps only per-class top-K references (confidence, unit,
 position), never images; it checkpoints every `checkpoint_every` units and resumes where it stopped. Pass 2
 re-reads the pool and writes the selection as `shard-%06d.tar` + `manifest.json` (a normal mix source), with
-`report.csv`, `report.png` and `summary.json`. Units are split across processes; their top-Ks merge on the
-main process.
+`report.csv`, `report.png` and `summary.json`; each process streams its share of the selection from disk
+(`distill.passes.curation_writer`) and an interrupted pass 2 resumes after its last complete shard. Units are
+split across processes; their top-Ks merge on the main process.
 """
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -25,17 +29,18 @@ from distill.config import save_config
 from distill.data.mix import DataMix
 from distill.data.shards import read_manifest
 from distill.data.synthetic import ensure_demo_dataset
-from distill.engine.checkpoint import atomic_save, load_checkpoint
 from distill.engine.logging import make_accelerator
 from distill.engine.progress import banner
+from distill.plan import print_plan
 from distill.passes import curation_state as state
 from distill.passes.curation_report import write_report
-from distill.passes.curation_writer import assemble, clear_output, part_shards, write_fill, write_kept
+from distill.passes.curation_writer import assemble, clear_output, plan_matches, write_fill, write_kept, write_plan
 from distill.passes.fingerprint import fingerprint
 from distill.passes.frozen import build_frozen, eval_geometry
 from distill.passes.recipe import load_curate_config
+from distill.passes.plan import describe_curation, plan_curation
 from distill.passes.scoring import EvalRender, score_units
-from distill.passes.selection import Selection, plan_selection
+from distill.passes.selection import plan_selection
 from distill.passes.units import pool_units, rank_share
 
 logger = logging.getLogger("distill")
@@ -47,6 +52,9 @@ DEMO_POOL = dict(extra_per_class=150)  # the demo's pool: a skewed class mix plu
 def main(argv=None, scorer=None) -> dict:
     """`scorer` replaces the configured model (any callable from a [0, 1] batch to logits)."""
     cfg = load_curate_config(sys.argv[1:] if argv is None else argv)
+    if cfg.dry_run is not None:  # the plan only: no accelerator, no data read or generated
+        plan = plan_curation(cfg, cfg.dry_run)
+        return print_plan(plan, describe_curation(plan))
     out = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg.precision, 1, out, trackers=[])
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -64,7 +72,8 @@ def main(argv=None, scorer=None) -> dict:
         img_size, crop_pct = eval_geometry(scorer, cfg.scorer.img_size, cfg.crop_pct)
     else:
         img_size, crop_pct = cfg.scorer.img_size or 224, cfg.crop_pct or 0.875
-    progress, resumed = state.resume_or_start(out, rank, world, scoring_fingerprint(cfg, units, img_size, crop_pct),
+    scoring = scoring_fingerprint(cfg, units, img_size, crop_pct)
+    progress, resumed = state.resume_or_start(out, rank, world, scoring,
                                               cfg.scorer.num_classes, cfg.select.per_class, cfg.select.hist_bins,
                                               cfg.select.threshold)
     banner(accelerator, cfg.recipe, out, batch_size=cfg.batch_size, models={f"scorer {cfg.scorer.name}": scorer},
@@ -76,29 +85,31 @@ def main(argv=None, scorer=None) -> dict:
                          state.progress_path(out, rank, world), cfg.checkpoint_every, cfg.num_workers)
     scored = sum(gather_object([scored]))
 
-    # ---- merge and plan (main), then pass 2: write ------------------------------------------------
-    plan_path = out / ".progress" / "selection.pt"
+    # ---- merge and plan the writing (main), then pass 2: write --------------------------------------
+    plan_dir = out / ".progress" / "write"
     if accelerator.is_main_process:
         top, stats, done = state.merged(state.load_all(out, world))
         if len(done) != len(units):
             raise RuntimeError(f"{len(units) - len(done)} of {len(units)} units were not scored")
         selection = plan_selection(top, cfg.select.fill, cfg.seed)
-        atomic_save({"selection": selection.state_dict(), "stats": stats.state_dict()}, plan_path)
-        clear_output(out)
+        digest = fingerprint(scoring=scoring, fill=cfg.select.fill, seed=cfg.seed, world=world,
+                             maxcount=cfg.maxcount, quality=cfg.quality)
+        if plan_matches(plan_dir, digest) and (out / ".parts").is_dir():
+            logger.info("resuming the write pass after its complete shards")
+        else:
+            clear_output(out)
+            write_plan(selection, world, plan_dir, digest)
     accelerator.wait_for_everyone()
-    plan = load_checkpoint(plan_path)
-    selection = Selection.from_state_dict(plan["selection"])
     parts = out / ".parts"
-    write_kept(selection, units, rank, world, parts / f"kept-r{rank:03d}", cfg.maxcount, cfg.quality)
+    write_kept(plan_dir, units, rank, parts, cfg.maxcount, cfg.quality)
     accelerator.wait_for_everyone()
-    write_fill(selection, part_shards(parts, "kept"), rank, world, parts / f"fill-r{rank:03d}", cfg.maxcount)
+    write_fill(plan_dir, rank, world, parts, cfg.maxcount)
     accelerator.wait_for_everyone()
 
     summary = {}
     if accelerator.is_main_process:
-        stats = state.ScoreStats.from_state_dict(plan["stats"])
         names = class_names(cfg)
-        manifest = assemble(out, cfg.scorer.num_classes, {
+        manifest = assemble(out, world, selection, cfg.scorer.num_classes, {
             "classes": names, "curation": {"scorer": cfg.scorer.name, "threshold": cfg.select.threshold,
                                            "per_class": cfg.select.per_class, "fill": cfg.select.fill,
                                            "pool": cfg.pool.shards or cfg.pool.folder},
@@ -107,6 +118,7 @@ def main(argv=None, scorer=None) -> dict:
                                {"shards": len(manifest["shards"]), "resumed": resumed,
                                 "scored_this_run": scored})
         (out / "pool_units.txt").write_text("".join(f"{u.index}\t{u.name}\n" for u in units))
+        shutil.rmtree(plan_dir, ignore_errors=True)
         logger.info("curation: %s", json.dumps({k: summary[k] for k in ("scored", "candidates", "kept", "repeated", "written")}))
     accelerator.wait_for_everyone()
     accelerator.end_training()

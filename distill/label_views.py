@@ -1,8 +1,10 @@
 """Offline teacher labels: for every source of a data mix, R augmented views of every image (the source's
-augmentation, mixup included), stored as JPEG, each with the teacher's top-k distribution on the decoded
-JPEG, i.e. on exactly the pixels the student will read.
+augmentation, mixup included), stored as JPEG, each with the teacher's distribution on the decoded JPEG,
+i.e. on exactly the pixels the student will read: all of it in float16 (`view.targets=full`, the paper's) or
+its top k (`view.targets=topk`), with the mixup partner's class and weight.
 
     accelerate launch distill/label_views.py recipe=label_demo [key=value ...]
+    python distill/label_views.py recipe=label_mnv4 dry_run=64        # views, bytes and teacher PFLOPs first
 
 Writes <output_dir>/<source>/<source>-r<replica>-<shard>.tar (+ manifest.json per source) and
 <output_dir>/mix.yaml, the same mix over the views with `flip` as the only augmentation; train on it with
@@ -29,10 +31,12 @@ from distill.data.synthetic import ensure_demo_dataset
 from distill.engine.checkpoint import atomic_write_text
 from distill.engine.logging import make_accelerator
 from distill.engine.progress import banner, describe_mix
+from distill.plan import print_plan
 from distill.passes.fingerprint import fingerprint
 from distill.passes.frozen import build_frozen
 from distill.passes.labelling import label_units
 from distill.passes.offline_mix import offline_mix, write_mix, write_source_manifests
+from distill.passes.plan import describe_labelling, plan_labelling
 from distill.passes.recipe import load_label_config
 from distill.passes.units import rank_share
 from distill.passes.view_writer import LabelRecords
@@ -56,6 +60,9 @@ def plan_units(mix: DataMix, sources: list[str], replicas: dict[str, int]) -> li
 def main(argv=None, teacher=None) -> dict:
     """`teacher` replaces the configured model (any callable from a [0, 1] batch to logits)."""
     cfg = load_label_config(sys.argv[1:] if argv is None else argv)
+    if cfg.dry_run is not None:  # the plan only: no accelerator, no data read or generated
+        plan = plan_labelling(cfg, cfg.dry_run)
+        return print_plan(plan, describe_labelling(plan))
     out = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg.precision, 1, out, trackers=[])
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -84,7 +91,7 @@ def main(argv=None, teacher=None) -> dict:
     render = ViewRender({s.name: s.augment for s in mix.sources}, {s.name: s.mixup for s in mix.sources},
                         cfg.view.img_size, cfg.view.quality, cfg.batch_size, cfg.seed)
     work = label_units(todo, render, teacher, accelerator, out, LabelRecords(out, rank), cfg.view.topk,
-                       cfg.teacher.num_classes, cfg.num_workers, cfg.view.meta)
+                       cfg.teacher.num_classes, cfg.num_workers, cfg.view.meta, cfg.view.targets)
     work = gather_object([work])  # also waits for every process
 
     summary = {}
@@ -117,7 +124,8 @@ def check_settings(cfg, mix: DataMix, sources: list[str], out: Path, accelerator
     than mixed; the replica count may grow (new replicas are added)."""
     settings = {
         "teacher": OmegaConf.to_container(cfg.teacher),
-        "view": {k: cfg.view[k] for k in ("img_size", "quality", "topk")},
+        "view": {k: cfg.view[k] for k in ("img_size", "quality", "targets")}
+                | ({"topk": cfg.view.topk} if cfg.view.targets == "topk" else {}),
         "seed": cfg.seed,
         "sources": {s.name: {"shards": s.shards, "augment": s.augment, "mixup": s.mixup}
                     for s in mix.sources if s.name in sources},

@@ -20,30 +20,32 @@ def soften(teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tens
 
 
 def mixed_cross_entropy(
-    logits: torch.Tensor, labels: torch.Tensor, partner: torch.Tensor, lam: torch.Tensor, smoothing: float = 0.0
+    logits: torch.Tensor, labels: torch.Tensor, partner_labels: torch.Tensor, lam: torch.Tensor,
+    smoothing: float = 0.0,
 ) -> torch.Tensor:
-    """Cross-entropy against the labels of a mixed batch: λ·CE(y) + (1-λ)·CE(y of the partner)."""
+    """Cross-entropy against the labels of a mixed batch: λ·CE(label) + (1-λ)·CE(label of the partner)."""
     ce = lambda y: F.cross_entropy(logits.float(), y, reduction="none", label_smoothing=smoothing)  # noqa: E731
-    return (lam * ce(labels) + (1 - lam) * ce(labels[partner])).mean()
+    return (lam * ce(labels) + (1 - lam) * ce(partner_labels)).mean()
 
 
 def distillation_loss(
     student_logits: torch.Tensor,
     teacher_probs: torch.Tensor | None,
     labels: torch.Tensor,
-    partner: torch.Tensor,
+    partner_labels: torch.Tensor,
     lam: torch.Tensor,
     temperature: float = 1.0,
     kd_weight: float = 1.0,
     ce_weight: float = 0.0,
     label_smoothing: float = 0.0,
 ) -> dict[str, torch.Tensor]:
-    """The weighted terms and their sum under `loss`; a zero-weight term is not computed."""
+    """The weighted terms and their sum under `loss`; a zero-weight term is not computed. `partner_labels` and
+    `lam` describe each sample's mixup (an unmixed sample is its own partner, with λ = 1)."""
     terms: dict[str, torch.Tensor] = {}
     if kd_weight:
         terms["kd"] = kl_divergence(student_logits, teacher_probs, temperature)
     if ce_weight:
-        terms["ce"] = mixed_cross_entropy(student_logits, labels, partner, lam, label_smoothing)
+        terms["ce"] = mixed_cross_entropy(student_logits, labels, partner_labels, lam, label_smoothing)
     terms["loss"] = kd_weight * terms.get("kd", 0.0) + ce_weight * terms.get("ce", 0.0)
     return terms
 
@@ -51,11 +53,29 @@ def distillation_loss(
 def dense_from_topk(
     indices: torch.Tensor, probs: torch.Tensor, num_classes: int, temperature: float = 1.0
 ) -> torch.Tensor:
-    """Stored top-k teacher probabilities (B, k) as full distributions (B, num_classes), renormalised so the
-    mass left out of the top k is not credited to any class. Stored probabilities are at temperature 1;
-    softmax(z / T) is proportional to p ** (1 / T), so another temperature is applied here."""
+    """Stored teacher probabilities (B, k) of classes `indices` as full distributions (B, num_classes).
+
+    The mass the top k leave out is spread evenly over the other classes (as TinyViT does), not dropped: the
+    student is not told those classes are impossible, only that the teacher ranks them below the k kept. With
+    k = num_classes (the full distribution stored) nothing is spread. Stored probabilities are at temperature
+    1; softmax(z / T) is proportional to p ** (1 / T), so another temperature is applied here, after the spread.
+    """
     probs = probs.float()
+    k = indices.shape[1]
+    rest = (1.0 - probs.sum(dim=1, keepdim=True)).clamp_min(0.0) / max(num_classes - k, 1)
+    dense = rest.expand(-1, num_classes).clone() if k < num_classes else probs.new_zeros(probs.shape[0], num_classes)
+    dense.scatter_(1, indices.long(), probs)
     if temperature != 1.0:
-        probs = probs.clamp_min(1e-12).pow(1.0 / temperature)
-    dense = torch.zeros(probs.shape[0], num_classes, device=probs.device).scatter_(1, indices.long(), probs)
+        dense = dense.clamp_min(1e-12).pow(1.0 / temperature)
     return dense / dense.sum(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def stored_targets(batch: dict, num_classes: int, temperature: float, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Offline labels of a batch of stored views: (teacher distributions, partner labels, mixup weights).
+
+    A stored mixup view keeps its partner's label and its weight, so a label term on it uses both labels;
+    a view without mixup is its own partner with weight 1."""
+    targets = dense_from_topk(batch["soft_idx"].to(device, non_blocking=True),
+                              batch["soft_prob"].to(device, non_blocking=True), num_classes, temperature)
+    return (targets, batch["partner_label"].to(device, non_blocking=True),
+            batch["lam"].to(device, non_blocking=True).float())

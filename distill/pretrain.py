@@ -29,12 +29,13 @@ from distill.engine.evaluate import evaluate_topk
 from distill.engine.guards import UpdateGuard, weight_checksums
 from distill.engine.logging import make_accelerator, start_trackers
 from distill.engine.optim import build_optimizer, warmup_cosine
-from distill.engine.plan import epoch_steps, plan_steps
+from distill.engine.ema import build_ema
+from distill.plan import check_stored_views, describe_run, epoch_steps, plan_run, plan_steps, print_plan
 from distill.engine.progress import ProgressBar, banner, describe_mix
 from distill.engine.rng import restore_rng, seed_everything, seed_process
 from distill.engine.run_dir import choose_run_dir
 from distill.engine.state import ProcessState, Progress, load_pretrain_checkpoint, save_pretrain_checkpoint
-from distill.losses import dense_from_topk, distillation_loss, soften
+from distill.losses import distillation_loss, soften, stored_targets
 from distill.models.factory import create_model, input_spec
 from distill.models.teacher import InputAdapter
 from distill.models.teacher_fit import build_teacher, describe_teacher
@@ -45,6 +46,9 @@ logger = logging.getLogger("distill")
 @command("distill.pretrain")
 def main(argv=None) -> dict:
     cfg = load_pretrain_config(sys.argv[1:] if argv is None else argv)
+    if cfg.dry_run is not None:  # the plan only: no processes started, no data read or generated
+        plan = plan_run(cfg, cfg.dry_run)
+        return print_plan(plan, describe_run(plan))
     start_processes()
     out = choose_run_dir(cfg.output_dir, Path("runs") / Path(cfg.recipe).stem, cfg.resume, cfg.overwrite)
     cfg.output_dir = str(out)
@@ -60,6 +64,8 @@ def main(argv=None) -> dict:
     if offline and any(mix.mixup_flags):
         raise ConfigError(f"teacher.mode=offline: the stored views are mixed already; {cfg.data.mix} must not "
                           f"set mixup on {[n for n, m in zip(mix.source_names, mix.mixup_flags) if m]}")
+    if offline:
+        check_stored_views(mix, cfg.data.img_size)
     total_steps, global_batch, warmup = plan_steps(cfg, mix, world)
     if accelerator.is_main_process:
         save_config(cfg, out / "config.yaml")
@@ -75,9 +81,7 @@ def main(argv=None) -> dict:
         student = student.to(memory_format=torch.channels_last)
     if cfg.student.compile:  # in place: DDP then wraps the compiled module and state-dict keys stay plain
         student.compile(backend=cfg.student.compile_backend)
-    from timm.utils import ModelEmaV3
-
-    ema = ModelEmaV3(student, decay=cfg.train.ema_decay, use_warmup=cfg.train.ema_warmup)
+    ema = build_ema(student, cfg.train.ema_decay, cfg.train.ema_warmup)
     optimizer = build_optimizer(student, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps)
     scheduler = warmup_cosine(optimizer, warmup, total_steps, cfg.optim.min_lr / cfg.optim.lr)
     student, optimizer = accelerator.prepare(student, optimizer)
@@ -195,12 +199,13 @@ def distill_step(p: StepParts, micro_batches: list[dict], cfg, step: int) -> tup
         labels = batch["label"].to(device, non_blocking=True)
         sources = batch["source"].to(device, non_blocking=True)
         images, partner, lam = mixup_batch(images, p.mixup_sources[sources])
+        partner_labels = labels[partner]
         if cfg.student.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with accelerator.accumulate(p.student):
-            if p.offline:
-                targets = dense_from_topk(batch["soft_idx"].to(device), batch["soft_prob"].to(device),
-                                          cfg.student.num_classes, cfg.loss.temperature)
+            if p.offline:  # stored views were mixed when labelled: their partner's label and weight come along
+                targets, partner_labels, lam = stored_targets(batch, cfg.student.num_classes, cfg.loss.temperature,
+                                                              device)
             elif p.teacher is not None:
                 with accelerator.autocast():
                     targets = soften(p.teacher(images), cfg.loss.temperature)
@@ -209,7 +214,7 @@ def distill_step(p: StepParts, micro_batches: list[dict], cfg, step: int) -> tup
             with accelerator.autocast():
                 logits = p.student(p.student_input(images))
             terms = distillation_loss(
-                logits, targets, labels, partner, lam, cfg.loss.temperature,
+                logits, targets, labels, partner_labels, lam, cfg.loss.temperature,
                 cfg.loss.kd_weight, cfg.loss.ce_weight, cfg.loss.label_smoothing,
             )
             accelerator.backward(terms["loss"])

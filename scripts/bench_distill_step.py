@@ -83,7 +83,7 @@ class OursStep:
         with torch.autocast(**self.autocast):
             targets = soften(self.teacher(images), a.temperature)
             logits = self.student(self.student_input(images))
-        terms = distillation_loss(logits, targets, labels, partner, lam, a.temperature, 1.0, 0.0)
+        terms = distillation_loss(logits, targets, labels, labels[partner], lam, a.temperature, 1.0, 0.0)
         terms["loss"].backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), float("inf"))
         if bool(torch.isfinite(grad_norm)):

@@ -32,7 +32,7 @@ from distill.data.synthetic import class_attributes, generate_classification, re
 from distill.engine.logging import make_accelerator  # noqa: E402
 from distill.engine.optim import build_optimizer  # noqa: E402
 from distill.label_views import plan_units  # noqa: E402
-from distill.losses import dense_from_topk, distillation_loss, soften  # noqa: E402
+from distill.losses import distillation_loss, soften, stored_targets  # noqa: E402
 from distill.models.factory import create_model, input_spec  # noqa: E402
 from distill.models.teacher import InputAdapter, create_teacher  # noqa: E402
 from distill.passes.labelling import label_units  # noqa: E402
@@ -104,7 +104,7 @@ def main():
                         args.img_size, 90, args.batch_size, 0)
     stats = label_units([u for u in units if u.name not in done], render, teacher, accelerator, out,
                         LabelRecords(out, 0), 10 if args.classes >= 10 else args.classes, args.classes,
-                        args.num_workers)
+                        args.num_workers, targets="topk")
     records = LabelRecords.finished(out)
     write_source_manifests(out, records, mix.source_names, args.classes, {})
     write_mix(out / "mix.yaml", offline_mix(mix, mix.source_names, out, work))
@@ -131,13 +131,14 @@ def main():
         images = batch["image"].to(device, non_blocking=True).float().div_(255)
         labels = batch["label"].to(device, non_blocking=True)
         images, partner, lam = mixup_batch(images, flags[mode][batch["source"].to(device)])
+        partner_labels = labels[partner]
         with accelerator.autocast():
             if mode == "online":
                 targets = soften(teacher(images))
             else:
-                targets = dense_from_topk(batch["soft_idx"].to(device), batch["soft_prob"].to(device), args.classes)
+                targets, partner_labels, lam = stored_targets(batch, args.classes, 1.0, device)
             logits = student(prepare(images))
-        loss = distillation_loss(logits, targets, labels, partner, lam)["loss"]
+        loss = distillation_loss(logits, targets, labels, partner_labels, lam)["loss"]
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -345,3 +345,77 @@ def test_two_processes_write_what_one_process_writes(world, tmp_path):
     assert {k: v for k, v in two.items() if k != "shards"} == {k: v for k, v in single.items() if k != "shards"}
     assert Counter(k for k, _, _ in output_samples(tmp_path / "two")) == Counter(
         k for k, _, _ in output_samples(tmp_path / "one"))
+
+
+# ---- the write pass: resumable part-way, bounded per process ---------------------------------------------
+
+
+def test_an_interrupted_write_resumes_after_its_complete_shards(world, curated, tmp_path, monkeypatch):
+    from distill.passes import curation_writer
+    from distill.passes import units as units_module
+
+    out = tmp_path / "write_resumed"
+    commit, commits = curation_writer.PartWriter._commit, []
+
+    def failing_commit(self):
+        if len(commits) == 2:  # two kept shards are in place when the third fails
+            raise KeyboardInterrupt("interrupted by the test")
+        commits.append(self.prefix)
+        commit(self)
+
+    monkeypatch.setattr(curation_writer.PartWriter, "_commit", failing_commit)
+    with pytest.raises(KeyboardInterrupt):
+        run(world, str(out))
+    assert commits == ["kept-r000", "kept-r000"] and not (out / "manifest.json").exists()
+    monkeypatch.setattr(curation_writer.PartWriter, "_commit", commit)
+
+    read = []
+    iter_unit = units_module.iter_unit
+    monkeypatch.setattr(curation_writer, "iter_unit", lambda unit: read.append(unit.index) or iter_unit(unit))
+    scorer = ColourScorer()
+    summary = run(world, str(out), scorer=scorer)
+    assert scorer.images == 0  # scoring was finished: nothing scored again
+    units_with_picks = {ref_of(k)[0] for k, _, _ in output_samples(out) if "_rep" not in k}
+    assert 0 < len(read) < len(units_with_picks)  # units whose images were all in the first two shards: not read
+    assert sorted(output_samples(out)) == sorted(output_samples(curated[0]))  # the same output, byte for byte
+    assert summary["written"] == curated[1]["written"]
+
+
+def _pool(folder: Path, units: int, per_unit: int) -> list:
+    from distill.data.shards import write_shards
+
+    image = np.zeros((8, 8, 3), np.uint8)
+    for u in range(units):
+        write_shards(((f"s{u}_{i}", image, 0) for i in range(per_unit)), folder, prefix=f"p{u:03d}", maxcount=per_unit)
+    return pool_units(str(folder), None, folder)
+
+
+def _write_pass_peak(tmp_path: Path, units: int, per_unit: int = 50) -> int:
+    """Peak Python memory of one process's write pass for a selection of every pool image, each repeated once."""
+    import tracemalloc
+
+    from distill.passes.curation_writer import write_fill, write_kept, write_plan
+    from distill.passes.selection import Selection
+
+    pool = _pool(tmp_path / "pool", units, per_unit)
+    n = units * per_unit
+    unit, ordinal = np.repeat(np.arange(units), per_unit), np.tile(np.arange(per_unit), units)
+    sel = Selection(2, "repeat", np.zeros(n, np.int64), np.ones(n, np.float32), unit, ordinal,
+                    np.random.default_rng(0).permutation(n), np.ones(n, np.int64))
+    write_plan(sel, 1, tmp_path / "plan", "x")
+    tracemalloc.start()
+    write_kept(tmp_path / "plan", pool, 0, tmp_path / "parts", 40, 95)
+    write_fill(tmp_path / "plan", 0, 1, tmp_path / "parts", 40)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    written = sorted((tmp_path / "parts").glob("*/*.tar"))
+    assert sum(len(tarfile.open(p).getnames()) for p in written) == 2 * 2 * n  # jpg + cls, kept + fill
+    return peak
+
+
+def test_the_write_pass_memory_does_not_grow_with_the_selection(tmp_path):
+    small = _write_pass_peak(tmp_path / "small", units=8)  # 400 images: more than a block of fill copies
+    large = _write_pass_peak(tmp_path / "large", units=40)  # 5x the selection and the fill
+    # a per-process index of the whole selection (~90 B an image) and of every kept image (~190 B) would
+    # add ~450 KB here; streaming from the plan keeps the peak at one unit's picks and one block of copies
+    assert large < 1.3 * small + 20_000, (small, large)

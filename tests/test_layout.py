@@ -1,4 +1,4 @@
-"""Imports run downwards only: errors -> engine -> config -> data -> models -> detection / passes -> export ->
+"""Imports run downwards only: errors -> engine -> config -> data -> models -> detection / passes / plan -> export ->
 entry points. Every import counts, those inside functions too, so a circle cannot hide in a late import."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ FLOORS = [
     ["distill.config", "distill.losses"],
     ["distill.data"],
     ["distill.models"],
-    ["distill.detection", "distill.passes"],
+    ["distill.detection", "distill.passes", "distill.plan"],
     ["distill.export"],
     ["distill.cli", "distill.commands", "distill.pretrain", "distill.finetune_det", "distill.curate",
      "distill.label_views", "distill.export.__main__"],

@@ -56,8 +56,7 @@ def test_losses():
     assert kl_divergence(logits, soften(logits)).abs() < 1e-5  # matched distributions
     assert kl_divergence(torch.randn(8, 10), soften(logits)) > 0
     labels = torch.randint(0, 10, (8,))
-    same = torch.arange(8)
-    t = distillation_loss(logits, soften(logits), labels, same, torch.ones(8), kd_weight=1.0, ce_weight=0.5)
+    t = distillation_loss(logits, soften(logits), labels, labels, torch.ones(8), kd_weight=1.0, ce_weight=0.5)
     ce = torch.nn.functional.cross_entropy(logits, labels)
     assert torch.allclose(t["ce"], ce) and torch.allclose(t["loss"], t["kd"] + 0.5 * ce)
     # top-k storage: the full distribution comes back exactly when k covers the support
@@ -66,3 +65,13 @@ def test_losses():
     assert torch.allclose(dense_from_topk(top.indices, top.values.half(), 10), probs, atol=1e-3)
     # stored at temperature 1, softened later: the same as the teacher's softmax at that temperature
     assert torch.allclose(dense_from_topk(top.indices, top.values, 10, temperature=2.0), soften(logits, 2.0), atol=1e-5)
+
+
+def test_topk_targets_spread_the_left_over_mass_evenly():
+    # the top 2 of 5 classes hold 0.8; the other 0.2 goes to the three others alike, not to nobody
+    dense = dense_from_topk(torch.tensor([[2, 0]]), torch.tensor([[0.5, 0.3]]).half(), 5)
+    assert dense[0].tolist() == pytest.approx([0.3, 0.2 / 3, 0.5, 0.2 / 3, 0.2 / 3], abs=1e-3)
+    # at another temperature: the spread distribution, softened
+    soft = dense_from_topk(torch.tensor([[2, 0]]), torch.tensor([[0.5, 0.3]]), 5, temperature=2.0)
+    want = torch.tensor([0.3, 0.2 / 3, 0.5, 0.2 / 3, 0.2 / 3]).sqrt()
+    assert torch.allclose(soft[0], want / want.sum(), atol=1e-6)

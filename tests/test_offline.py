@@ -2,6 +2,7 @@
 resumed, and used to train two different students with no teacher in the loop."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -48,7 +49,7 @@ mix: {root / 'mix.yaml'}
 data_root: {root}
 teacher: {{name: test_resnet, pretrained: false, num_classes: {NUM_CLASSES}, fit_steps: 250, fit_lr: 0.003,
            fit_mix: {root / 'mix.yaml'}, fit_img_size: {IMG}, fit_batch_size: 32}}
-view: {{img_size: {IMG}, replicas: {REPLICAS}, quality: 90, topk: {TOPK}, meta: true}}
+view: {{img_size: {IMG}, replicas: {REPLICAS}, quality: 90, targets: topk, topk: {TOPK}, meta: true}}
 batch_size: 64
 num_workers: 1
 precision: "no"
@@ -87,6 +88,7 @@ def test_every_view_is_written_with_a_manifest_and_a_mix(labelled, world):
         assert manifest["class_counts"] == {str(c): 120 * REPLICAS for c in range(NUM_CLASSES)}
         assert len(manifest["shards"]) == 12 * REPLICAS  # one shard per (source shard, replica)
         assert manifest["offline_labels"]["view"]["topk"] == TOPK
+        assert manifest["images"] == NUM_CLASSES * 120 and manifest["replicas"] == REPLICAS  # an epoch's images
     mix = DataMix.load(out / "mix.yaml", world)
     assert mix.source_names == ["strong", "mixed"] and mix.mixup_flags == [False, False]
     assert all(s.augment == {"name": "flip"} for s in mix.sources)
@@ -105,8 +107,9 @@ def test_stored_distribution_is_the_teachers_on_the_decoded_view(labelled):
         with torch.no_grad():
             probs = teacher(images.float() / 255).softmax(-1)
         for view, p in zip(views, probs):
-            idx, prob = decode_record(view["soft.npy"])
-            assert idx.dtype == np.int16 and prob.dtype == np.float16 and len(idx) == TOPK
+            raw = np.load(io.BytesIO(view["soft.npy"]))
+            assert raw["idx"].dtype == np.int16 and raw["prob"].dtype == np.float16 and raw["idx"].shape == (TOPK,)
+            idx, prob = raw["idx"], raw["prob"]
             # what was stored is the teacher's distribution on exactly these pixels, to float16 precision
             np.testing.assert_allclose(prob.astype(np.float32), p[idx.astype(np.int64)].numpy(), rtol=2e-3, atol=2e-4)
             assert (np.diff(prob.astype(np.float32)) <= 0).all()  # most probable first
@@ -146,10 +149,15 @@ def test_the_training_stream_carries_the_stored_labels(labelled, world):
     batch = next(iter(loader))
     assert batch["soft_idx"].shape == (16, TOPK) and batch["soft_idx"].dtype == torch.int64
     assert batch["soft_prob"].shape == (16, TOPK) and batch["soft_prob"].dtype == torch.float32
-    stored = {(s, v["__key__"]): decode_record(v["soft.npy"]) for s in mix.source_names for v in stored_views(out / s)}
-    for source, key, idx, prob in zip(batch["source"], batch["key"], batch["soft_idx"], batch["soft_prob"]):
-        want_idx, want_prob = stored[(mix.source_names[source], key)]
-        assert (idx.numpy() == want_idx).all() and (prob.numpy() == want_prob.astype(np.float32)).all()
+    stored = {(s, v["__key__"]): (np.load(io.BytesIO(v["soft.npy"])), json.loads(v["json"]))
+              for s in mix.source_names for v in stored_views(out / s)}
+    for i, (source, key) in enumerate(zip(batch["source"], batch["key"])):
+        record, meta = stored[(mix.source_names[source], key)]
+        assert (batch["soft_idx"][i].numpy() == record["idx"]).all()
+        assert (batch["soft_prob"][i].numpy() == record["prob"].astype(np.float32)).all()
+        # the view's mixup travels with it: a label term on a stored mixed view uses both labels
+        assert int(batch["partner_label"][i]) == meta["partner_label"]
+        assert float(batch["lam"][i]) == pytest.approx(meta["lam"], abs=1e-6)
 
 
 def test_shards_without_stored_labels_are_refused_by_name(world):
@@ -157,6 +165,62 @@ def test_shards_without_stored_labels_are_refused_by_name(world):
                                 soft_labels=True)
     with pytest.raises(RuntimeError, match="consecutive samples"):
         next(iter(loader))
+
+
+def test_full_distribution_is_stored_in_float16_with_the_mixup_and_its_bytes(labelled, world):
+    out, _ = labelled
+    teacher = load_teacher(out)
+    summary = label_views.main([f"recipe={world / 'label.yaml'}", "output_dir=full", "sources=[mixed]",
+                                "view.replicas=1", "view.targets=full"], teacher=teacher)
+    views = stored_views(world / "full" / "mixed")
+    assert len(views) == NUM_CLASSES * 120 and summary["sources"]["mixed"]["bytes_per_view"] > 0
+    images = torch.stack([torch.from_numpy(decode_sample(v)[0]).permute(2, 0, 1) for v in views[::29]])
+    with torch.no_grad():
+        probs = teacher(images.float() / 255).softmax(-1)
+    for view, p in zip(views[::29], probs):
+        raw = np.load(io.BytesIO(view["soft.npy"]))
+        assert raw["prob"].dtype == np.float16 and raw["prob"].shape == (NUM_CLASSES,)  # every class, as the paper
+        np.testing.assert_allclose(raw["prob"].astype(np.float32), p.numpy(), rtol=2e-3, atol=2e-4)
+        meta = json.loads(view["json"])
+        assert int(raw["partner"]) == meta["partner_label"] and float(raw["lam"]) == pytest.approx(meta["lam"], abs=1e-6)
+    # bytes per view are reported from what was written (the plan's record size is the one written)
+    from distill.passes.soft_labels import record_bytes
+
+    assert len(views[0]["soft.npy"]) == record_bytes("full", NUM_CLASSES)
+    manifest = json.loads((world / "full" / "mixed" / "manifest.json").read_text())
+    assert summary["sources"]["mixed"]["bytes_per_view"] == pytest.approx(manifest["bytes"] / len(views), abs=0.1)
+
+
+def test_offline_targets_and_mixup_partners_reach_the_loss(labelled, world):
+    """Stored D2 views train a label term on both labels; stored top-k mass is spread, not dropped."""
+    from distill.losses import distillation_loss, stored_targets
+
+    out, _ = labelled
+    mix = DataMix.load(out / "mix.yaml", world)
+    loader = build_train_loader(mix, IMG, 32, 0, seed=1, total_samples=64, soft_labels=True)
+    batch = next(iter(loader))
+    targets, partner_labels, lam = stored_targets(batch, NUM_CLASSES, 1.0, "cpu")
+    mixed = batch["source"] == mix.source_names.index("mixed")
+    assert mixed.any() and (lam[mixed] < 1).all() and (lam[~mixed] == 1).all()
+    assert (partner_labels[~mixed] == batch["label"][~mixed]).all()
+    assert torch.allclose(targets.sum(1), torch.ones(32)) and (targets > 0).all()  # nothing is impossible
+    kept = torch.gather(targets, 1, batch["soft_idx"])
+    assert torch.allclose(kept, batch["soft_prob"] / batch["soft_prob"].sum(1, keepdim=True).clamp_min(1), atol=1e-3)
+    logits = torch.randn(32, NUM_CLASSES)
+    ce = distillation_loss(logits, targets, batch["label"], partner_labels, lam, kd_weight=0.0, ce_weight=1.0)["ce"]
+    per = lambda y: torch.nn.functional.cross_entropy(logits, y, reduction="none")  # noqa: E731
+    assert torch.allclose(ce, (lam * per(batch["label"]) + (1 - lam) * per(batch["partner_label"])).mean())
+
+
+def test_views_at_another_side_than_the_student_are_refused(labelled, world):
+    from distill.config import ConfigError
+    from distill.plan import check_stored_views
+
+    out, _ = labelled
+    mix = DataMix.load(out / "mix.yaml", world)
+    check_stored_views(mix, IMG)
+    with pytest.raises(ConfigError, match=f"strong are {IMG} px.*data.img_size={2 * IMG}"):
+        check_stored_views(mix, 2 * IMG)
 
 
 class CountingTeacher:
@@ -213,8 +277,8 @@ def test_two_processes_write_the_views_one_process_wrote(labelled, world, tmp_pa
     assert len(two) == len(one) == 720
     for v in two:
         assert v["jpg"] == one[v["__key__"]]["jpg"]
-        (_, p1), (_, p2) = decode_record(v["soft.npy"]), decode_record(one[v["__key__"]]["soft.npy"])
-        np.testing.assert_allclose(p1.astype(np.float32), p2.astype(np.float32), atol=2e-3)
+        p1, p2 = decode_record(v["soft.npy"], 0)["soft_prob"], decode_record(one[v["__key__"]]["soft.npy"], 0)["soft_prob"]
+        np.testing.assert_allclose(p1, p2, atol=2e-3)
 
 
 def test_changed_settings_are_refused(labelled, world, capsys):

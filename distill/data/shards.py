@@ -30,7 +30,7 @@ from distill.data.decode import DecodeError, decode_rgb
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-SOFT_LABELS = "soft.npy"  # offline teacher labels: a structured array with fields `idx` (class) and `prob`
+SOFT_LABELS = "soft.npy"  # offline teacher labels: one record, see distill.data.soft_labels
 
 
 class CorruptSampleError(ValueError):
@@ -335,14 +335,16 @@ def _where(sample: dict) -> str:
     return f"sample {sample.get('__key__')!r} in {sample.get('__url__', '?')}"
 
 
-def decode_soft_labels(sample: dict) -> tuple[np.ndarray, np.ndarray]:
-    """A sample's stored teacher top-k -> (class indices int64 (k,), probabilities float32 (k,))."""
+def decode_soft_labels(sample: dict) -> dict:
+    """A sample's stored teacher label -> {"soft_idx" int64 (k,), "soft_prob" float32 (k,), "partner_label",
+    "lam"} (see `distill.data.soft_labels`)."""
+    from distill.data.soft_labels import decode_record
+
     where = _where(sample)
     data = sample.get(SOFT_LABELS)
     if data is None:
         raise CorruptSampleError(f"{where}: no {SOFT_LABELS} entry (offline teacher labels)")
     try:
-        record = np.load(io.BytesIO(data), allow_pickle=False)
-        return record["idx"].astype(np.int64), record["prob"].astype(np.float32)
+        return decode_record(data, int(sample.get("cls", b"-1")))
     except (ValueError, KeyError, OSError) as exc:
         raise CorruptSampleError(f"{where}: unreadable {SOFT_LABELS} ({exc})") from None

@@ -146,7 +146,8 @@ class MixedStream(IterableDataset):
     schedule (out of `total_samples`). Corrupt samples and unreadable shards are skipped; "skipped" counts
     those met since the previous yielded sample of this reader, so summing it over batches counts them all.
     `with_keys` adds each sample's "key"; `soft_labels` adds the stored offline teacher labels "soft_idx"
-    (int64 (k,)) and "soft_prob" (float32 (k,)), and a sample without them counts as corrupt.
+    (int64 (k,)), "soft_prob" (float32 (k,)), "partner_label" and "lam" (`decode_soft_labels`), and a sample
+    without them counts as corrupt.
     `origin` also enters the seed: a run that restarts without its loader state (another process or worker
     count) gets a fresh order from there rather than a repeat of the first samples.
     """
@@ -252,7 +253,7 @@ class MixedStream(IterableDataset):
             out = {"image": torch.from_numpy(chw), "label": label, "source": s,
                    "skipped": st["skipped"] - st["reported"]}
             if soft is not None:
-                out["soft_idx"], out["soft_prob"] = torch.from_numpy(soft[0]), torch.from_numpy(soft[1])
+                out.update(soft)
             if self.with_keys:
                 out["key"] = sample["__key__"]
             st["reported"], st["local"] = st["skipped"], i + 1  # the position after this sample, before it leaves

@@ -46,6 +46,7 @@ class InputSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     img_size: int
+    interpolation: str = "bicubic"  # how its training data were resized
 
 
 @register_source("timm")
@@ -138,7 +139,8 @@ def read_state_dict(path: str | Path, prefer: str = "ema") -> dict:
 
 def input_spec(model: nn.Module) -> InputSpec:
     cfg = timm.data.resolve_data_config({}, model=model)
-    return InputSpec(tuple(cfg["mean"]), tuple(cfg["std"]), int(cfg["input_size"][-1]))
+    return InputSpec(tuple(cfg["mean"]), tuple(cfg["std"]), int(cfg["input_size"][-1]),
+                     str(cfg.get("interpolation") or "bicubic"))
 
 
 def num_outputs(model: nn.Module) -> int:

@@ -101,7 +101,7 @@ def build_teacher(cfg, mix, accelerator, out: Path):
             fit_supervised(model, loader, t.fit_steps, t.fit_lr, accelerator, Path(checkpoint), fingerprint,
                            cfg.train.seed + 1)
     teacher = create_teacher(t.name, t.pretrained and not checkpoint, checkpoint, cfg.student.num_classes,
-                             t.img_size, t.mean, t.std)
+                             t.img_size, t.mean, t.std, t.interpolation)
     if teacher.num_classes != cfg.student.num_classes:
         raise ConfigError(
             f"the teacher {t.name} predicts {teacher.num_classes} classes but student.num_classes="

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
+import torch
 
 from distill.config import ConfigError
 from distill.engine.checkpoint import atomic_save, load_checkpoint
@@ -89,14 +90,34 @@ class CurationProgress:
         self.done.add(unit)
 
     def save(self, path: Path) -> None:
-        atomic_save({"fingerprint": self.fingerprint, "threshold": self.threshold, "done": sorted(self.done),
-                     "top": self.top.state_dict(), "stats": self.stats.state_dict()}, path)
+        atomic_save(_as_tensors({"fingerprint": self.fingerprint, "threshold": self.threshold,
+                                 "done": sorted(self.done), "top": self.top.state_dict(),
+                                 "stats": self.stats.state_dict()}), path)
 
     @classmethod
     def load(cls, path: Path) -> "CurationProgress":
-        s = load_checkpoint(path)
+        s = _as_arrays(load_checkpoint(path))
         return cls(s["fingerprint"], ClassTopK.from_state_dict(s["top"]), ScoreStats.from_state_dict(s["stats"]),
                    s["threshold"], set(s["done"]))
+
+
+def _as_tensors(obj):
+    """numpy arrays and scalars as tensors and Python numbers: the file then loads with weights_only=True."""
+    if isinstance(obj, dict):
+        return {k: _as_tensors(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_as_tensors(v) for v in obj)
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    return obj.item() if isinstance(obj, np.generic) else obj
+
+
+def _as_arrays(obj):
+    if isinstance(obj, dict):
+        return {k: _as_arrays(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_as_arrays(v) for v in obj)
+    return obj.numpy() if isinstance(obj, torch.Tensor) else obj
 
 
 def progress_path(folder: Path, rank: int, world: int) -> Path:

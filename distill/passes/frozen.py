@@ -32,7 +32,7 @@ def build_frozen(mcfg, role: str, accelerator, out_dir: Path, data_root: str, nu
         if not Path(checkpoint).exists():
             fit_on_labels(mcfg, role, accelerator, Path(checkpoint), data_root, num_workers, seed)
     model = create_teacher(mcfg.name, mcfg.pretrained and not checkpoint, checkpoint, mcfg.num_classes,
-                           mcfg.img_size, mcfg.mean, mcfg.std)
+                           mcfg.img_size, mcfg.mean, mcfg.std, mcfg.interpolation)
     if model.num_classes != mcfg.num_classes:
         raise ConfigError(f"the {role} {mcfg.name} predicts {model.num_classes} classes but "
                           f"{role}.num_classes={mcfg.num_classes}; they must agree")

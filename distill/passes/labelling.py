@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from distill.passes.scan import scan_units
-from distill.passes.soft_labels import encode_record, top_k
+from distill.passes.soft_labels import encode_views
 from distill.passes.view_writer import LabelRecords, UnitFile
 from distill.passes.views import ViewRender, ViewUnit
 
@@ -27,8 +27,10 @@ def teacher_probs(teacher, images: torch.Tensor, accelerator) -> torch.Tensor:
 
 
 def label_units(units: Sequence[ViewUnit], render: ViewRender, teacher, accelerator, out_dir: Path,
-                records: LabelRecords, topk: int, num_classes: int, num_workers: int, meta: bool = False) -> dict:
-    """Write every unit in `units`; returns {"views", "seconds", "bytes"} of this process's work."""
+                records: LabelRecords, topk: int, num_classes: int, num_workers: int, meta: bool = False,
+                targets: str = "full") -> dict:
+    """Write every unit in `units`, each view with the teacher's full distribution or its `topk` (`targets`);
+    returns {"views", "seconds", "bytes"} of this process's work."""
     by_index = {u.index: u for u in units}
     open_files: dict[int, UnitFile] = {}
     skipped: dict[int, int] = {}
@@ -41,7 +43,8 @@ def label_units(units: Sequence[ViewUnit], render: ViewRender, teacher, accelera
             unit.index, UnitFile(Path(out_dir) / unit.source / unit.file_name))
         skipped[unit.index] = skipped.get(unit.index, 0) + int(batch["skipped"])
         if batch["size"]:
-            idx, prob = top_k(teacher_probs(teacher, batch["image"], accelerator), topk)
+            labels = encode_views(teacher_probs(teacher, batch["image"], accelerator), batch["partner_label"],
+                                  batch["lam"], targets, topk, num_classes)
             for i in range(batch["size"]):
                 info = None
                 if meta:
@@ -49,7 +52,7 @@ def label_units(units: Sequence[ViewUnit], render: ViewRender, teacher, accelera
                             "partner": batch["partner_key"][i], "partner_label": int(batch["partner_label"][i]),
                             "lam": round(float(batch["lam"][i]), 6)}
                 out.write(f"{batch['key'][i]}_r{unit.replica}", batch["jpg"][i], int(batch["label"][i]),
-                          encode_record(idx[i], prob[i], num_classes), info)
+                          labels[i], info)
             views += batch["size"]
         if batch["unit_done"]:
             out = open_files.pop(unit.index)

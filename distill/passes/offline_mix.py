@@ -27,8 +27,12 @@ def write_source_manifests(out_dir: Path, records: dict[str, dict], sources: Seq
         counts = Counter()
         for r in recs:
             counts.update({int(c): n for c, n in r["class_counts"].items()})
+        replicas = {r["unit"].split("/")[1] for r in recs}
         manifest = {
             "num_samples": int(sum(r["views"] for r in recs)),
+            # distinct source images (the views of one replica): an epoch counts these, not the views
+            "images": int(sum(r["views"] for r in recs if r["unit"].split("/")[1] == "r0000")),
+            "replicas": len(replicas),
             "num_classes": int(num_classes),
             "class_counts": {str(c): int(counts[c]) for c in sorted(counts)},
             "shards": [{"name": Path(r["file"]).name, "num_samples": r["views"]} for r in recs],

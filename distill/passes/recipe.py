@@ -33,6 +33,7 @@ class FrozenModelConfig:
     checkpoint: Optional[str] = None  # a local checkpoint instead of hub weights
     num_classes: int = 1000
     img_size: Optional[int] = None  # default: the model's own pretrained input size
+    interpolation: Optional[str] = None  # resizing the view to img_size; default: the model's own (timm config)
     mean: Optional[list[float]] = None  # default: the model's own normalisation
     std: Optional[list[float]] = None
     channels_last: bool = False
@@ -56,6 +57,7 @@ class PoolConfig:
     shards: Optional[str] = None  # webdataset shards: brace pattern or folder, relative to `data_root`
     folder: Optional[str] = None  # or an image folder (searched recursively), relative to `data_root`
     folder_chunk: int = 1000  # images of a folder per unit of work (shards are units as they are)
+    num_images: Optional[int] = None  # the pool's size, for a dry run where its shards are not at hand
 
 
 @dataclass
@@ -83,12 +85,14 @@ class CurateConfig:
     precision: str = "auto"  # auto (bf16 where supported), no, bf16, fp16
     checkpoint_every: int = 20  # units (shards / folder chunks) between progress checkpoints
     seed: int = 0  # order of the fill copies
+    dry_run: Optional[int] = None  # N: print the pass's plan as if on N processes and exit, reading no images
 
 
 CURATE_CHOICES = {
     "select.fill": ("repeat", "short"),
     "precision": ("auto", "no", "bf16", "fp16"),
     "generate": (None, "demo"),
+    "scorer.interpolation": (None, "bilinear", "bicubic"),
 }
 
 
@@ -141,7 +145,11 @@ class ViewConfig:
     replicas: int = 1  # augmented views stored per image (R), per source unless `replicas_per_source` says
     replicas_per_source: dict[str, int] = field(default_factory=dict)
     quality: int = 90  # JPEG quality of the stored views; the teacher labels the decoded JPEG
-    topk: int = 10  # teacher probabilities kept per view (float16, with int16/int32 class indices)
+    # full: the teacher's whole distribution, float16 (the paper's; 2 bytes a class). topk: its `topk` most
+    # probable classes (float16 + int16 indices), the left-over mass spread evenly over the other classes
+    # when training reads them (as TinyViT does).
+    targets: str = "full"
+    topk: int = 10
     meta: bool = False  # also store {src, replica, partner, lam} per view as `json` (+1 KB per view in tar)
 
 
@@ -160,9 +168,13 @@ class LabelConfig:
     num_workers: int = 8
     precision: str = "auto"
     seed: int = 0
+    # Images of each source, for a dry run where the source's shards (and manifest) are not at hand
+    source_images: dict[str, int] = field(default_factory=dict)
+    dry_run: Optional[int] = None  # N: print the pass's plan as if on N processes and exit, reading no images
 
 
-LABEL_CHOICES = {"precision": ("auto", "no", "bf16", "fp16"), "generate": (None, "demo")}
+LABEL_CHOICES = {"precision": ("auto", "no", "bf16", "fp16"), "generate": (None, "demo"),
+                 "view.targets": ("full", "topk"), "teacher.interpolation": (None, "bilinear", "bicubic")}
 
 
 LABEL_RANGES = {
@@ -180,7 +192,7 @@ LABEL_RANGES = {
 
 def load_label_config(argv: Sequence[str], recipe_dir: Path = RECIPE_DIR) -> DictConfig:
     cfg = load_config(LabelConfig, argv, recipe_dir, LABEL_CHOICES, LABEL_RANGES)
-    if cfg.view.topk > cfg.teacher.num_classes:
+    if cfg.view.targets == "topk" and cfg.view.topk > cfg.teacher.num_classes:
         raise ConfigError(f"view.topk={cfg.view.topk} exceeds teacher.num_classes={cfg.teacher.num_classes}")
     cfg.output_dir = under_root(cfg.data_root, cfg.output_dir or Path(cfg.recipe).stem)
     return cfg

@@ -55,7 +55,7 @@ def measure(images: Sequence[np.ndarray], augment: dict, view_size: int, quality
     spec = dict(augment)
     aug = create_augment(spec.pop("name"), view_size, seed=0, **spec)
     recorder = A.Compose(aug.pipeline.transforms, seed=0, save_applied_params=True)
-    record = encode_record(np.arange(topk), np.full(topk, 1.0 / topk, np.float16), num_classes)
+    record = encode_record(np.full(topk, 1.0 / topk, np.float16), 0, 1.0, num_classes, np.arange(topk))
     cls = b"123"
 
     sources = [encode_jpeg(im, source_quality) for im in images]
