@@ -42,9 +42,12 @@ class StudentConfig:
     num_classes: int = 1000
     drop_rate: float = 0.0  # dropout before the classifier only, as in the paper
     drop_path_rate: float = 0.0
-    channels_last: bool = False
-    compile: bool = False  # torch.compile in place: DDP wraps the compiled module, checkpoint keys stay plain
+    channels_last: Optional[bool] = None  # null: on where CUDA is (faster convolutions there, slower on CPUs)
+    # torch.compile in place: DDP wraps the compiled module and checkpoint keys stay plain. It costs a minute
+    # or two of compilation at the start (and again after a resume) for faster steps on a GPU.
+    compile: bool = False
     compile_backend: str = "inductor"  # torch.compile's backend ("eager" / "aot_eager" to debug)
+    compile_mode: Optional[str] = None  # torch.compile's mode (default, "max-autotune", ...)
 
 
 @dataclass
@@ -57,8 +60,10 @@ class TeacherConfig:
     interpolation: Optional[str] = None  # resizing the view to img_size; default: the teacher's own (timm config)
     mean: Optional[list[float]] = None  # default: the teacher's own normalisation
     std: Optional[list[float]] = None
-    channels_last: bool = False
+    channels_last: Optional[bool] = None  # null: on where CUDA is
+    # The frozen teacher compiled for inference; with fixed shapes "reduce-overhead" (CUDA graphs) suits it
     compile: bool = False
+    compile_mode: Optional[str] = None
     # With no checkpoint and no pretrained weights, train the teacher on labels for this many steps
     # first (the embedded demo); 0 refuses to distil from a random teacher.
     fit_steps: int = 0

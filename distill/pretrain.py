@@ -34,6 +34,7 @@ from distill.plan import check_stored_views, describe_run, epoch_steps, plan_run
 from distill.engine.progress import ProgressBar, banner, describe_mix
 from distill.engine.rng import restore_rng, seed_everything, seed_process
 from distill.engine.run_dir import choose_run_dir
+from distill.engine.speed import auto_on_gpu
 from distill.engine.state import ProcessState, Progress, load_pretrain_checkpoint, save_pretrain_checkpoint
 from distill.losses import distillation_loss, soften, stored_targets
 from distill.models.factory import create_model, input_spec
@@ -49,6 +50,7 @@ def main(argv=None) -> dict:
     if cfg.dry_run is not None:  # the plan only: no processes started, no data read or generated
         plan = plan_run(cfg, cfg.dry_run)
         return print_plan(plan, describe_run(plan))
+    cfg.student.channels_last = auto_on_gpu(cfg.student.channels_last)
     start_processes()
     out = choose_run_dir(cfg.output_dir, Path("runs") / Path(cfg.recipe).stem, cfg.resume, cfg.overwrite)
     cfg.output_dir = str(out)
@@ -80,7 +82,7 @@ def main(argv=None) -> dict:
     if cfg.student.channels_last:
         student = student.to(memory_format=torch.channels_last)
     if cfg.student.compile:  # in place: DDP then wraps the compiled module and state-dict keys stay plain
-        student.compile(backend=cfg.student.compile_backend)
+        student.compile(backend=cfg.student.compile_backend, mode=cfg.student.compile_mode)
     ema = build_ema(student, cfg.train.ema_decay, cfg.train.ema_warmup)
     optimizer = build_optimizer(student, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps)
     scheduler = warmup_cosine(optimizer, warmup, total_steps, cfg.optim.min_lr / cfg.optim.lr)

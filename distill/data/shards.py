@@ -22,8 +22,10 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 import cv2
 import numpy as np
 import webdataset as wds
-from braceexpand import braceexpand
+from braceexpand import UnbalancedBracesError, braceexpand
 from webdataset.tariterators import tarfile_samples
+
+from distill.errors import ConfigError
 
 from distill.data.decode import DecodeError, decode_rgb
 
@@ -109,7 +111,11 @@ def expand_shards(spec: Union[str, Sequence[str]], root: Union[str, Path]) -> li
     entries = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
     paths: list[str] = []
     for entry in entries:
-        for item in braceexpand(str(entry)):
+        try:
+            items = list(braceexpand(str(entry)))
+        except UnbalancedBracesError:
+            raise ConfigError(f"shard spec {entry!r}: unbalanced braces (a range is written {{000000..000127}})") from None
+        for item in items:
             path = Path(item) if os.path.isabs(item) else root / item
             if path.is_dir():
                 found = sorted(str(p) for p in path.glob("*.tar"))

@@ -59,9 +59,27 @@ class FrozenTeacher(nn.Module):
     def train(self, mode: bool = True):
         return super().train(False)  # a teacher never leaves eval mode (batch norm, dropout)
 
-    @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(self.prepare(images))
+        with torch.inference_mode():
+            weight = next(self.model.parameters())
+            x = self.prepare(images).to(weight.dtype)  # resized and normalised in float32, then the weights' type
+            if weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last):
+                x = x.contiguous(memory_format=torch.channels_last)
+            logits = self.model(x)
+        return logits.clone()  # an inference-mode tensor cannot take part in the student's loss; a copy can
+
+    def for_device(self, device, precision: str, channels_last: bool, compile: bool,
+                   compile_mode: Optional[str] = None) -> "FrozenTeacher":
+        """On `device`, in the run's precision (bf16 weights under bf16 mixed precision: no casts per call),
+        channels-last if asked, and compiled in place for inference if asked."""
+        self.to(device)
+        if precision == "bf16":
+            self.model.to(torch.bfloat16)
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if compile:
+            self.model.compile(mode=compile_mode)
+        return self
 
 
 def create_teacher(

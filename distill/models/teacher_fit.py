@@ -15,6 +15,7 @@ from distill.data.loader import build_train_loader
 from distill.engine.checkpoint import atomic_save, load_checkpoint
 from distill.engine.distributed import broadcast_from_main
 from distill.engine.rng import seed_process
+from distill.engine.speed import auto_on_gpu
 from distill.engine.optim import build_optimizer, warmup_cosine
 from distill.engine.progress import ProgressBar
 from distill.errors import ConfigError
@@ -107,11 +108,8 @@ def build_teacher(cfg, mix, accelerator, out: Path):
             f"the teacher {t.name} predicts {teacher.num_classes} classes but student.num_classes="
             f"{cfg.student.num_classes}; they must agree"
         )
-    if t.channels_last:
-        teacher = teacher.to(memory_format=torch.channels_last)
-    if t.compile:
-        teacher = torch.compile(teacher)
-    return teacher.to(accelerator.device)
+    return teacher.for_device(accelerator.device, accelerator.mixed_precision, auto_on_gpu(t.channels_last), t.compile,
+                              t.compile_mode)
 
 
 def describe_teacher(cfg) -> str:

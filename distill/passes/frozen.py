@@ -11,6 +11,7 @@ import torch
 from distill.config import ConfigError
 from distill.data.loader import build_train_loader
 from distill.data.mix import DataMix
+from distill.engine.speed import auto_on_gpu
 from distill.models.teacher_fit import fit_supervised
 from distill.models.factory import create_model
 from distill.models.teacher import FrozenTeacher, create_teacher
@@ -36,10 +37,8 @@ def build_frozen(mcfg, role: str, accelerator, out_dir: Path, data_root: str, nu
     if model.num_classes != mcfg.num_classes:
         raise ConfigError(f"the {role} {mcfg.name} predicts {model.num_classes} classes but "
                           f"{role}.num_classes={mcfg.num_classes}; they must agree")
-    if mcfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = model.to(accelerator.device)
-    return torch.compile(model) if mcfg.compile else model
+    return model.for_device(accelerator.device, accelerator.mixed_precision, auto_on_gpu(mcfg.channels_last),
+                            mcfg.compile, mcfg.compile_mode)
 
 
 def fit_on_labels(mcfg, role: str, accelerator, path: Path, data_root: str, num_workers: int, seed: int) -> None:

@@ -36,8 +36,9 @@ class FrozenModelConfig:
     interpolation: Optional[str] = None  # resizing the view to img_size; default: the model's own (timm config)
     mean: Optional[list[float]] = None  # default: the model's own normalisation
     std: Optional[list[float]] = None
-    channels_last: bool = False
-    compile: bool = False
+    channels_last: Optional[bool] = None  # null: on where CUDA is
+    compile: bool = False  # compiled for inference (compile_mode: torch.compile's mode)
+    compile_mode: Optional[str] = None
     # With no weights at all, train the model on the labels of this mix first (the embedded demos);
     # 0 refuses to run a random model.
     fit_steps: int = 0
