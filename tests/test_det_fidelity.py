@@ -126,8 +126,8 @@ def test_fine_tuning_scores_predictions_in_training_ids(shapes, tmp_path):
     torch.set_num_threads(1)
     AcceleratorState._reset_state(reset_partial_state=True)
     try:
-        s = main(["recipe=det_demo", f"data.root={shapes}", "data.generate=null", f"output_dir={tmp_path / 'run'}", "train.steps=2",
-                  "model.backbone=test_efficientnet", "model.hidden_dim=32", "model.dim_feedforward=64",
+        s = main(["recipe=det_demo", f"data.root={shapes}", "data.generate=null", f"output_dir={tmp_path / 'run'}",
+                  "train.steps=2", "model.backbone=test_efficientnet", "model.hidden_dim=32", "model.dim_feedforward=64",
                   "model.num_heads=2", "model.num_decoder_layers=1", "model.num_queries=20", "data.img_size=96",
                   "data.batch_size=4", "data.num_workers=0", "eval.visualize=0", "train.trackers=[jsonl]"])
     finally:

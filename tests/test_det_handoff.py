@@ -168,7 +168,8 @@ def test_init_from_transformers_folder_and_reference_checkpoint(tmp_path):
                 "encoder.encoder.0.layers.0.linear1.weight", "encoder.fpn_blocks.0.bottlenecks.0.conv1.conv.weight",
                 "encoder.pan_blocks.1.conv3.norm.running_var", "decoder.input_proj.2.norm.weight",
                 "decoder.enc_output.proj.weight", "decoder.decoder.layers.1.cross_attn.sampling_offsets.bias",
-                "decoder.decoder.layers.0.norm3.weight", "decoder.dec_score_head.1.bias", "decoder.dec_bbox_head.0.layers.2.weight"]:
+                "decoder.decoder.layers.0.norm3.weight", "decoder.dec_score_head.1.bias",
+                "decoder.dec_bbox_head.0.layers.2.weight"]:
         assert key in reference, key
     assert reference["encoder.fpn_blocks.0.bottlenecks.0.conv1.conv.weight"].shape[-1] == 3  # the 3x3 branch
     torch.save({"ema": {"module": reference, "updates": 7}, "model": {}, "last_epoch": 71}, tmp_path / "official.pth")
@@ -191,7 +192,8 @@ def test_init_from_in_a_fine_tuning_run(tmp_path):
     generate_coco_shapes(tmp_path / "data", num_train=4, num_val=2, img_size=96, num_classes=3, max_objects=2)
     AcceleratorState._reset_state(reset_partial_state=True)
     try:
-        main(["recipe=det_demo", f"data.root={tmp_path / 'data'}", "data.generate=null", f"output_dir={tmp_path / 'run'}",
+        main(["recipe=det_demo", f"data.root={tmp_path / 'data'}", "data.generate=null",
+              f"output_dir={tmp_path / 'run'}",
               f"model.init_from={tmp_path / 'hf'}", f"model.backbone={BACKBONE}", "model.hidden_dim=32",
               "model.dim_feedforward=64", "model.num_heads=2", "model.num_decoder_layers=2", "model.num_queries=20",
               "model.num_points=2", "model.num_denoising=10", "data.img_size=96", "data.batch_size=4",
@@ -273,13 +275,17 @@ def test_hf_export_refuses_a_detector_transformers_cannot_hold(tmp_path, capsys)
     assert not (tmp_path / "hf").exists()
 
 
-@pytest.mark.parametrize("backbone", ["mobilenetv4_conv_small_035", "repvit_m0_9", "torchvision/shufflenet_v2_x0_5"])
-def test_deploy_form_folds_every_batch_norm_and_keeps_outputs(backbone):
+@pytest.mark.parametrize("backbone,swaps", [("mobilenetv4_conv_small_035", {}), ("repvit_m0_9", {}),
+                                            ("torchvision/shufflenet_v2_x0_5", {}),
+                                            ("test_efficientnet", {"fusion_block": "uib", "encoder_attention": "psa",
+                                                                   "downsample": "scdown"})])
+def test_deploy_form_folds_every_batch_norm_and_keeps_outputs(backbone, swaps):
     from distill.detection.blocks import RepVGGUnit
     from distill.detection.deploy import deploy_form
 
     torch.manual_seed(0)
-    model = randomise(build_rtdetr(RTDETRConfig(**{**MODEL, "backbone": backbone, "out_strides": (8, 16, 32)}))).eval()
+    config = RTDETRConfig(**{**MODEL, "backbone": backbone, "out_strides": (8, 16, 32), **swaps})
+    model = randomise(build_rtdetr(config)).eval()
     x = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         want = model(x)

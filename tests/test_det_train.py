@@ -152,7 +152,7 @@ def test_every_detection_recipe_resolves_into_the_model_config():
         assert cfg.model.backbone and cfg.optim.lr > 0, name
     for small in ("rtdetr_mnv4_conv_s", "rtdetr_shufflenet_v2_x1_0"):
         s = load_det_config([f"recipe={small}"])
-        assert (s.train.epochs, s.data.global_batch_size, s.optim.warmup_steps, s.optim.clip_grad) == (120, 16, 2000, 0.1)
+        assert (s.train.epochs, s.data.global_batch_size, s.optim.warmup_steps) == (120, 16, 2000)
         assert s.data.img_size == 640 and list(s.data.multiscale) == [], small
         assert s.optim.backbone_lr == s.optim.lr and s.train.no_aug_epochs == 3
     large = load_det_config(["recipe=rtdetr_repvit_m1_1"])

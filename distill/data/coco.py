@@ -196,7 +196,8 @@ class CocoDetection(Dataset):
         transform = detection_transform(request.size, self.train, request.strong)
         image, boxes, labels = apply_transform(transform, image, boxes, labels, request.seed)
         side_h, side_w = image.shape[-2:]
-        boxes = box_convert(boxes, "xyxy", "cxcywh") / torch.tensor([side_w, side_h, side_w, side_h], dtype=torch.float32)
+        scale = torch.tensor([side_w, side_h, side_w, side_h], dtype=torch.float32)
+        boxes = box_convert(boxes, "xyxy", "cxcywh") / scale
         target = {
             "labels": labels,
             "boxes": boxes,

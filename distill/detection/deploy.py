@@ -44,7 +44,7 @@ def fold_batch_norms(model: nn.Module, example: torch.Tensor) -> int:
     """Fold every BatchNorm2d whose input is the output of a Conv2d read by nothing else; returns the count."""
     produced: dict[int, tuple[nn.Conv2d, torch.Tensor]] = {}
     readers: Counter = Counter()
-    pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]] = []
+    pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d, int]] = []
 
     def after_conv(module, _inputs, output):
         produced[id(output)] = (module, output)  # the tensor is kept alive, so its id stays unique
@@ -92,7 +92,8 @@ def deploy_form(model: nn.Module, probe_side: Optional[int] = None, atol: float 
     probe = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(0))
     probe = probe.to(next(model.parameters()).device)
     before = _memory(model, probe)
-    reparameterize_model(model, inplace=True)  # RepVGG units here, RepViT blocks in the backbone
+    model.reparameterize()  # the neck's RepVGG units
+    reparameterize_model(model.backbone, inplace=True)  # the backbone's own (RepViT), by timm's convention
     fold_batch_norms(model, probe)
     after = _memory(model, probe)
     for level, (a, b) in enumerate(zip(before, after)):

@@ -10,8 +10,9 @@ Weights move through `distill.detection.layouts`.
 
 One behaviour differs by design: our query selection never picks a position whose anchor is invalid (a
 cell centre within 1% of the border), where transformers (as the reference) only zeroes its features and
-may pick it with an infinite box. Feature maps under 50 cells wide (sides under 400 px at stride 8) have
-no invalid anchor; in trained models such positions score low, so top-K selections agree.
+may pick it, with an infinite box. Feature maps under 50 cells wide (sides under 400 px at stride 8) have
+no invalid anchor; beyond, the two agree as long as no such position makes transformers' top-K, which the
+export checks on a probe image.
 """
 from __future__ import annotations
 

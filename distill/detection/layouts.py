@@ -60,10 +60,12 @@ PREFIXES: list[tuple[str, Optional[str], str]] = [
      r"model.decoder.layers.\1.self_attn_layer_norm."),
     (r"decoder\.layers\.(\d+)\.norm2\.", r"decoder.decoder.layers.\1.norm2.",
      r"model.decoder.layers.\1.encoder_attn_layer_norm."),
-    (r"decoder\.layers\.(\d+)\.norm3\.", r"decoder.decoder.layers.\1.norm3.", r"model.decoder.layers.\1.final_layer_norm."),
+    (r"decoder\.layers\.(\d+)\.norm3\.", r"decoder.decoder.layers.\1.norm3.",
+     r"model.decoder.layers.\1.final_layer_norm."),
     (r"decoder\.layers\.(\d+)\.cross_attn\.", r"decoder.decoder.layers.\1.cross_attn.",
      r"model.decoder.layers.\1.encoder_attn."),
-    (r"decoder\.layers\.(\d+)\.self_attn\.", r"decoder.decoder.layers.\1.self_attn.", r"model.decoder.layers.\1.self_attn."),
+    (r"decoder\.layers\.(\d+)\.self_attn\.", r"decoder.decoder.layers.\1.self_attn.",
+     r"model.decoder.layers.\1.self_attn."),
 ]
 _COMPILED = [(re.compile(ours), ref, hf) for ours, ref, hf in PREFIXES]
 

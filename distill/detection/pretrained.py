@@ -10,6 +10,7 @@ levels) keeps its fresh initialisation too. `InitReport` says which tensors went
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -68,7 +69,10 @@ def read_detector_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], st
 
         state = load_file(str(path))
     else:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:  # objects beyond tensors and containers: not loaded, for safety
+            raise ValueError(f"{path} holds more than weights and is not unpickled: {e}") from None
         state = _state_dict_of(obj, path)
     return state, _detect_layout(state, path)
 
