@@ -18,6 +18,14 @@ TINY = dict(hidden_dim=32, dim_feedforward=64, num_queries=20, num_decoder_layer
             num_denoising=0)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_detector(backbone="mobilenetv4_conv_small_035"):
     torch.manual_seed(0)
     return build_rtdetr(rtdetr_config(backbone, 3, **TINY))
@@ -122,8 +130,6 @@ def test_fine_tuning_scores_predictions_in_training_ids(shapes, tmp_path):
     from distill.finetune_det import main
 
     _rewrite(shapes / "val/annotations.json", [{"id": 1, "name": "circle"}, {"id": 3, "name": "triangle"}])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     AcceleratorState._reset_state(reset_partial_state=True)
     try:
         s = main(["recipe=det_demo", f"data.root={shapes}", "data.generate=null", f"output_dir={tmp_path / 'run'}",
@@ -132,7 +138,6 @@ def test_fine_tuning_scores_predictions_in_training_ids(shapes, tmp_path):
                   "data.batch_size=4", "data.num_workers=0", "eval.visualize=0", "train.trackers=[jsonl]"])
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
-        torch.set_num_threads(threads)
     assert s["steps"] == 2
     run = tmp_path / "run"
     detections = json.loads((run / "predictions.json").read_text())
