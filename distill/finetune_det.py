@@ -33,10 +33,13 @@ from distill.data.coco import (
 )
 from distill.data.synthetic_coco import ensure_det_demo
 from distill.detection.criterion import RTDETRCriterion
+from distill.detection.ema import RTDETREma
 from distill.detection.evaluate import evaluate_detector, predict
 from distill.detection.postprocess import PostProcessor
 from distill.detection.recipe import load_det_config
 from distill.detection.rtdetr import RTDETRConfig, build_rtdetr
+from distill.detection.run import CATEGORIES_FILE
+from distill.detection.sync_bn import to_sync_batchnorm
 from distill.detection.visualize import save_prediction_grid
 from distill.engine.checkpoint import (
     atomic_save,
@@ -77,19 +80,23 @@ def main(argv=None) -> dict:
     # ---- build ------------------------------------------------------------------------------------
     root = Path(cfg.data.root)
     train_set = CocoDetection(root / cfg.data.train_images, root / cfg.data.train_ann, True, cfg.data.img_size)
-    val_set = CocoDetection(root / cfg.data.val_images, root / cfg.data.val_ann, False, cfg.data.img_size)
+    val_set = CocoDetection(root / cfg.data.val_images, root / cfg.data.val_ann, False, cfg.data.img_size,
+                            categories=train_set.categories)  # one label mapping: the training set's
     plan = plan_steps(cfg, len(train_set), world)
     if cfg.model.num_classes is None:
         cfg.model.num_classes = train_set.num_classes
     if accelerator.is_main_process:
         save_config(cfg, out / "config.yaml")
+        atomic_write_text(out / CATEGORIES_FILE, json.dumps(train_set.categories, indent=1))
     model = build_rtdetr(model_config(cfg.model))
+    if accelerator.is_main_process and model.init_report is not None:
+        logger.info("model.init_from=%s:\n%s", cfg.model.init_from, model.init_report.summary())
+        atomic_write_text(out / "init_from.json", json.dumps(model.init_report.as_dict(), indent=1))
     mean, std = model.mean, model.std  # the backbone's own normalisation (its timm pretrained_cfg)
     criterion = RTDETRCriterion(cfg.model.num_classes)
     postprocess = PostProcessor(num_top=cfg.eval.num_top)
-    from timm.utils import ModelEmaV3
-
-    ema = ModelEmaV3(model, decay=cfg.train.ema_decay, use_warmup=cfg.train.ema_warmup)
+    ema = RTDETREma(model, cfg.train.ema_decay, cfg.train.ema_warmups)  # a plain-batch-norm copy
+    model = to_sync_batchnorm(model, world, device, cfg.train.sync_bn)
     optimizer = build_optimizer(param_groups(model, cfg.optim), cfg.optim.lr, cfg.optim.weight_decay,
                                 cfg.optim.betas, cfg.optim.eps)
     scheduler = warmup_cosine(optimizer, plan.warmup, plan.total_steps, cfg.optim.min_lr_ratio)

@@ -257,17 +257,22 @@ def offline(student, cfg, device, folder: Path) -> dict[str, float]:
 
 
 def detection(cfg, device, smoke: bool) -> dict[str, float]:
-    """Train-step time and batch-1 latency, ours and transformers' RT-DETRv2 (see bench_detection.py)."""
-    import bench_detection
+    """Train-step time and batch-1 latency (ours in its deploy form), ours and transformers' RT-DETRv2 with the
+    same timm backbone (see bench_detection.py), medians in ms."""
+    from bench_detection import DetectorSizes, latency_times, summarise, train_step_times
 
-    argv = ["--device", device.type, "--img-size", str(cfg["det_size"]), "--hf-arch", "rtdetr_v2",
-            "--precision", "bf16" if cfg["precision"] == "bf16" else "fp32"]
+    dtype = torch.bfloat16 if cfg["precision"] == "bf16" else None
     if smoke:
-        argv += ["--train-rounds", "2", "--infer-rounds", "2", "--warmup", "1"]
-    else:
-        argv += ["--backbone", "mobilenetv4_conv_small", "--batch-size", "16", "--hidden-dim", "256",
-                 "--ffn-dim", "1024", "--num-queries", "300", "--train-rounds", "20", "--infer-rounds", "50"]
-    return bench_detection.measure(argv)
+        sizes, batch, rounds = DetectorSizes(num_classes=10, num_queries=30, num_denoising=10), 2, (2, 2)
+    else:  # RT-DETRv2-S widths with the student as backbone
+        sizes, batch, rounds = DetectorSizes("mobilenetv4_conv_small", hidden_dim=256, ffn_dim=1024,
+                                             num_queries=300), 16, (20, 50)
+    train = summarise(train_step_times(sizes, device, cfg["det_size"], dtype, batch_size=batch, rounds=rounds[0],
+                                       warmup=2))
+    latency = summarise(latency_times(sizes, device, cfg["det_size"], dtype, rounds=rounds[1], warmup=3))
+    side = lambda times, name: next(v["median_ms"] for k, v in times.items() if k.startswith(name))  # noqa: E731
+    return {"ours_train_ms": side(train, "ours"), "hf_train_ms": side(train, "transformers"),
+            "ours_latency_ms": side(latency, "ours"), "hf_latency_ms": side(latency, "transformers")}
 
 
 def main(argv=None) -> None:

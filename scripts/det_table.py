@@ -1,34 +1,38 @@
 """One table of lightweight backbones inside RT-DETR: parameters, GFLOPs, batch-1 latency and AP.
 
     python scripts/det_table.py                                   # every variant, 640 px, the best device here
-    python scripts/det_table.py --variants mnv4_conv_small,shufflenet_v2_x1_0 --iters 3 --warmup 1
+    python scripts/det_table.py --variants mnv4_conv_small,shufflenet_v2_x1_0 --iters 20 --onnx
     python scripts/det_table.py --runs runs/rtdetr_mnv4_conv_s runs/rtdetr_repvit_m1_1 --out det_table.md
 
 Every variant gets the same neck and decoder (the recipe's, default `rtdetr_base`: RT-DETRv2-S sized) with
-random weights and 80 classes. GFLOPs are 2 x multiply-accumulates as counted by
-`torch.utils.flop_counter.FlopCounterMode`; the deformable attention's `grid_sample` is not counted.
-Latency is the median forward pass at batch 1 (no post-processing): fp16 on a GPU, fp32 on the CPU, and
-the device is named in the output. AP (COCO box AP, in percent) comes from the `summary.json` of the run
-folders given with `--runs`, matched to a variant by backbone name. The default measures the weights in
-their training form (as the reference sizes are given); `--reparameterize` folds the RepVGG / RepViT
-branches first, the form a deployment runs.
+random weights and 80 classes. Parameters and GFLOPs are those of the training form (as the reference sizes
+are given); GFLOPs are 2 x multiply-accumulates as counted by `torch.utils.flop_counter.FlopCounterMode`, the
+deformable attention's `grid_sample` not counted. Latency is batch 1, normalisation + detector + top-K
+post-processing, median over `--iters` rounds: this project's detector in its deploy form (RepVGG fused,
+batch norms folded; `distill.detection.deploy`) against transformers' `RTDetrV2ForObjectDetection` holding
+the same detector (timm backbones; none exists for torchvision's), interleaved round by round, in PyTorch
+(fp16 on a GPU, fp32 on the CPU) and with `--onnx` in onnxruntime (CPU). The device is named in the
+output. AP (COCO box AP, in percent) comes from the `summary.json` of the run folders given with `--runs`,
+matched to a variant by backbone name.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
-from distill.detection.recipe import load_det_config
-from distill.detection.rtdetr import RTDETRConfig, build_rtdetr
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_detection import TRANSFORMERS, interleave, latency_callables, summarise  # noqa: E402
+
+from distill.detection.recipe import load_det_config  # noqa: E402
+from distill.detection.rtdetr import RTDETRConfig, build_rtdetr  # noqa: E402
 
 VARIANTS = {
     "mnv4_conv_small": "mobilenetv4_conv_small",
@@ -49,9 +53,9 @@ VARIANTS = {
 
 # Published figures at 640 px (COCO val2017 AP); the papers name no device for RT-DETR-L's latency.
 REFERENCE_ROWS = [
-    {"variant": "RT-DETR-L (HGNetv2), reported", "params_m": 32.8, "gflops": 108.0, "latency_ms": "11.6 (reported)",
+    {"variant": "RT-DETR-L (HGNetv2), reported", "params_m": 32.8, "gflops": 108.0, "ours ms": "11.6 (reported)",
      "AP": 53.0},
-    {"variant": "RT-DETRv2-S (ResNet-18), reported", "params_m": 20.0, "gflops": 60.0, "latency_ms": "-", "AP": 48.1},
+    {"variant": "RT-DETRv2-S (ResNet-18), reported", "params_m": 20.0, "gflops": 60.0, "AP": 48.1},
 ]
 
 
@@ -76,25 +80,6 @@ def count_gflops(model: torch.nn.Module, image: torch.Tensor) -> float:
     return counter.get_total_flops() / 1e9
 
 
-@torch.no_grad()
-def latency_ms(model: torch.nn.Module, image: torch.Tensor, iters: int, warmup: int) -> float:
-    on_gpu = image.device.type == "cuda"
-    dtype = torch.float16 if on_gpu else torch.float32
-    model, image = model.to(dtype), image.to(dtype)
-    for _ in range(warmup):
-        model(image)
-    times = []
-    for _ in range(iters):
-        if on_gpu:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        model(image)
-        if on_gpu:
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
-
-
 def run_aps(folders: list[str]) -> dict[str, dict]:
     """Backbone name → summary of the trained runs given (the last one wins for a repeated backbone)."""
     found = {}
@@ -108,37 +93,50 @@ def run_aps(folders: list[str]) -> dict[str, dict]:
 
 
 def measure(name: str, backbone: str, model_cfg: dict, img_size: int, device: torch.device, iters: int,
-            warmup: int, reparameterize: bool = False) -> dict:
+            warmup: int, onnx: bool = False) -> dict:
     fields = {**model_cfg, "backbone": backbone, "num_classes": 80, "out_strides": tuple(model_cfg["out_strides"]),
-              "backbone_checkpoint": None, "pretrained_backbone": False}
+              "backbone_checkpoint": None, "pretrained_backbone": False, "init_from": None}
     model = build_rtdetr(RTDETRConfig(**fields)).eval()
-    if reparameterize:  # the inference form: RepVGG units in the encoder, RepViT's blocks in the backbone
-        from timm.utils.model import reparameterize_model
-
-        model.reparameterize()
-        model.backbone = reparameterize_model(model.backbone)
     image = torch.randn(1, 3, img_size, img_size)
     row = {"variant": name, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
            "gflops": count_gflops(model, image)}
-    model, image = model.to(device), image.to(device)
-    row["latency_ms"] = latency_ms(model, image, iters, warmup) if iters > 0 else None
+    if iters > 0:
+        theirs = None
+        if backbone.split("/")[0] != "torchvision":
+            from distill.detection.hf_convert import to_transformers
+
+            theirs = to_transformers(model, [f"class_{i}" for i in range(80)])
+        dtype = torch.float16 if device.type == "cuda" else None
+        calls = latency_callables(model, theirs, img_size, device, dtype, onnx, torch.get_num_threads())
+        times = summarise(interleave(calls, iters, warmup, device))
+        row |= {f"{side} ms": t["median_ms"] for side, t in times.items()}
+        row["ratio"] = times["ours"].get("paired_ratio")
+        row["onnx ratio"] = times.get("ours, onnxruntime", {}).get("paired_ratio")
     return row
 
 
-def markdown(rows: list[dict], img_size: int, device: str, reparameterized: bool = False) -> str:
+COLUMNS = ["ours ms", f"{TRANSFORMERS} ms", "ratio", "ours, onnxruntime ms", f"{TRANSFORMERS}, onnxruntime ms",
+           "onnx ratio"]
+
+
+def markdown(rows: list[dict], img_size: int, device: str) -> str:
     def fmt(v, spec):
         return format(v, spec) if isinstance(v, (int, float)) else (v if v is not None else "-")
 
     lines = [
-        f"RT-DETR at {img_size} px, batch 1, {'re-parameterised' if reparameterized else 'training-form'} "
-        f"weights. Latency: {device}. GFLOPs = 2 x MACs from FlopCounterMode (grid_sample not counted).",
+        f"RT-DETR at {img_size} px, batch 1. Latency: {device}; ours in its deploy form, transformers' "
+        "RTDetrV2ForObjectDetection holding the same detector; ratio = ours / transformers (median of the "
+        "per-round ratios) in PyTorch and in ONNX Runtime. "
+        "GFLOPs = 2 x MACs from FlopCounterMode (grid_sample not counted).",
         "",
-        "| variant | params (M) | GFLOPs | latency (ms) | AP (%) | AP50 (%) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| variant | params (M) | GFLOPs | latency (ms) | transformers (ms) | ratio | ONNX Runtime (ms) "
+        "| transformers, ONNX Runtime (ms) | ratio | AP (%) | AP50 (%) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['variant']} | {fmt(r['params_m'], '.1f')} | {fmt(r['gflops'], '.1f')} | "
-                     f"{fmt(r.get('latency_ms'), '.1f')} | {fmt(r.get('AP'), '.1f')} | {fmt(r.get('AP50'), '.1f')} |")
+        timings = " | ".join(fmt(r.get(c), ".2f" if c.endswith("ratio") else ".1f") for c in COLUMNS)
+        lines.append(f"| {r['variant']} | {fmt(r['params_m'], '.1f')} | {fmt(r['gflops'], '.1f')} | {timings} | "
+                     f"{fmt(r.get('AP'), '.1f')} | {fmt(r.get('AP50'), '.1f')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -152,8 +150,7 @@ def main(argv=None) -> str:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--runs", nargs="*", default=[], help="fine-tuning run folders whose summary.json gives the AP")
-    p.add_argument("--reparameterize", action="store_true",
-                   help="measure the inference form (re-parameterised RepVGG / RepViT branches folded)")
+    p.add_argument("--onnx", action="store_true", help="latency in onnxruntime too (CPU)")
     p.add_argument("--out", help="also write the Markdown table here")
     args = p.parse_args(argv)
 
@@ -173,16 +170,14 @@ def main(argv=None) -> str:
 
     rows = []
     for name in names:
-        row = measure(name, VARIANTS[name], model_cfg, args.img_size, device, args.iters, args.warmup,
-                      args.reparameterize)
+        row = measure(name, VARIANTS[name], model_cfg, args.img_size, device, args.iters, args.warmup, args.onnx)
         summary = aps.get(VARIANTS[name])
         if summary:
             row |= {"AP": 100 * summary["AP"], "AP50": 100 * summary["AP50"]}
         rows.append(row)
         print(f"{name}: {row['params_m']:.2f}M params, {row['gflops']:.1f} GFLOPs"
-              + (f", {row['latency_ms']:.1f} ms" if row["latency_ms"] is not None else ""), file=sys.stderr)
-    table = markdown(rows + (REFERENCE_ROWS if args.img_size == 640 else []), args.img_size, device_name(device),
-                     args.reparameterize)
+              + (f", {row['ours ms']:.1f} ms" if "ours ms" in row else ""), file=sys.stderr)
+    table = markdown(rows + (REFERENCE_ROWS if args.img_size == 640 else []), args.img_size, device_name(device))
     print(table)
     if args.out:
         Path(args.out).write_text(table)

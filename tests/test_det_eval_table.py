@@ -10,6 +10,17 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread (torch and onnxruntime): on cores shared with other test workers, more only contend."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def det_table():
     spec = importlib.util.spec_from_file_location("det_table", ROOT / "scripts" / "det_table.py")
@@ -28,14 +39,17 @@ def test_table_measures_each_variant_and_reads_ap_from_runs(det_table, tmp_path)
     run.mkdir()
     (run / "summary.json").write_text(json.dumps({"backbone": "torchvision/shufflenet_v2_x0_5", "AP": 0.4321,
                                                   "AP50": 0.6}))
-    small = rows(det_table.main(["--variants", "shufflenet_v2_x0_5", "--img-size", "128", "--iters", "1",
-                                 "--warmup", "0", "--device", "cpu", "--runs", str(run)]))
+    small = rows(det_table.main(["--variants", "shufflenet_v2_x0_5,mnv4_conv_small", "--img-size", "128",
+                                 "--iters", "1", "--warmup", "0", "--device", "cpu", "--runs", str(run), "--onnx"]))
     full = rows(det_table.main(["--variants", "shufflenet_v2_x1_0", "--iters", "0", "--out", str(tmp_path / "t.md")]))
-    params, gflops, latency, ap, ap50 = small["shufflenet_v2_x0_5"]
+    params, gflops, latency, hf, ratio, onnx, hf_onnx, onnx_ratio, ap, ap50 = small["shufflenet_v2_x0_5"]
     assert float(params) > 1 and float(gflops) > 0 and float(latency) > 0 and (ap, ap50) == ("43.2", "60.0")
+    assert float(onnx) > 0 and hf == ratio == hf_onnx == onnx_ratio == "-"  # transformers takes timm backbones only
+    _, _, latency, hf, ratio, onnx, hf_onnx, onnx_ratio, _, _ = small["mnv4_conv_small"]
+    assert all(float(v) > 0 for v in (latency, hf, ratio, onnx, hf_onnx, onnx_ratio))
     # at 640 px with the RT-DETRv2-S neck: the sizes measured independently for this backbone (9.7M, 29.6
     # GFLOPs as 2 x MACs without grid_sample), and the published reference rows alongside
-    params, gflops, latency, ap, _ = full["shufflenet_v2_x1_0"]
+    params, gflops, latency, *_, ap, _ = full["shufflenet_v2_x1_0"]
     assert float(params) == pytest.approx(9.7, abs=0.15) and float(gflops) == pytest.approx(29.6, abs=0.6)
     assert latency == "-" and ap == "-"  # --iters 0, and no run given
     assert full["RT-DETR-L (HGNetv2), reported"][:2] == ["32.8", "108.0"]

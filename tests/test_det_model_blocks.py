@@ -73,8 +73,27 @@ def test_position_embedding_follows_the_flattened_layout():
     emb = sincos_position_embedding(h, w, dim)[0]
     omega = 1.0 / 10000 ** (torch.arange(4) / 4)
     row, col = 2, 4  # position row * w + col of x.flatten(2)
-    assert torch.allclose(emb[row * w + col, :4], torch.sin(col * omega))
-    assert torch.allclose(emb[row * w + col, 8:12], torch.sin(row * omega))
+    # rows first, as the reference and transformers lay it out
+    assert torch.allclose(emb[row * w + col, :4], torch.sin(row * omega))
+    assert torch.allclose(emb[row * w + col, 8:12], torch.sin(col * omega))
+
+
+def test_position_embedding_equals_the_reference_layouts():
+    """transformers' RT-DETR embedding on any map, and RT-DETR's reference definition on its square maps
+    (its meshgrid puts the row index in the terms it names after the width)."""
+    modeling = pytest.importorskip("transformers.models.rt_detr_v2.modeling_rt_detr_v2")
+    for h, w in [(4, 4), (3, 5)]:
+        ours = sincos_position_embedding(h, w, 32)[0]
+        theirs = modeling.build_2d_sinusoidal_position_embedding(h, w, 32).float()
+        assert torch.allclose(ours, theirs, atol=1e-5), (h, w)
+
+    side, dim = 4, 32  # the reference's build_2d_sincos_position_embedding(w, h, dim), transcribed
+    grid_w, grid_h = torch.meshgrid(torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32),
+                                    indexing="ij")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+    out_w, out_h = grid_w.flatten()[:, None] * omega, grid_h.flatten()[:, None] * omega
+    reference = torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1)
+    assert torch.allclose(sincos_position_embedding(side, side, dim)[0], reference, atol=1e-6)
 
 
 def _bilinear(image, x, y):

@@ -136,19 +136,28 @@ def test_bad_recipe_keys_and_values_are_refused_before_work(world, tmp_path, cap
 
 
 def test_every_detection_recipe_resolves_into_the_model_config():
+    """The recipe schema is RTDETRConfig itself (same fields, recipe-friendly defaults), and the S-sized
+    recipes follow RT-DETRv2-S: 120 epochs at 640 only, where the larger ones keep multi-scale."""
     from distill.detection.rtdetr import RTDETRConfig
 
-    allowed = {f.name for f in dataclasses.fields(RTDETRConfig)}
-    assert {f.name for f in dataclasses.fields(DetModelConfig)} <= allowed
+    ours, theirs = ({f.name: f for f in dataclasses.fields(c)} for c in (DetModelConfig, RTDETRConfig))
+    assert set(ours) == set(theirs) and issubclass(DetModelConfig, RTDETRConfig)
+    recipe_only = {"backbone", "num_classes", "out_strides", "eval_spatial_size"}  # defaults a recipe needs
+    for name in set(ours) - recipe_only:
+        assert ours[name].default == theirs[name].default, name
     recipes = sorted(p.stem for p in (ROOT / "recipes").glob("rtdetr_*.yaml")) + ["det_demo"]
     assert len(recipes) >= 8
     for name in recipes:
         cfg = load_det_config([f"recipe={name}"])
         assert cfg.model.backbone and cfg.optim.lr > 0, name
-    s = load_det_config(["recipe=rtdetr_mnv4_conv_s"])
-    assert (s.train.epochs, s.data.global_batch_size, s.optim.warmup_steps, s.optim.clip_grad) == (120, 16, 2000, 0.1)
-    assert s.data.img_size == 640 and min(s.data.multiscale) == 480 and max(s.data.multiscale) == 800
-    assert load_det_config(["recipe=rtdetr_repvit_m1_1"]).train.epochs == 72
+    for small in ("rtdetr_mnv4_conv_s", "rtdetr_shufflenet_v2_x1_0"):
+        s = load_det_config([f"recipe={small}"])
+        assert (s.train.epochs, s.data.global_batch_size, s.optim.warmup_steps) == (120, 16, 2000)
+        assert s.data.img_size == 640 and list(s.data.multiscale) == [], small
+        assert s.optim.backbone_lr == s.optim.lr and s.train.no_aug_epochs == 3
+    large = load_det_config(["recipe=rtdetr_repvit_m1_1"])
+    assert large.train.epochs == 72 and min(large.data.multiscale) == 480 and max(large.data.multiscale) == 800
+    assert large.train.sync_bn and large.train.ema_warmups == 2000
 
 
 def test_param_groups_give_the_backbone_its_own_lr_and_spare_norms_from_decay():

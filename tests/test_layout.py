@@ -17,7 +17,7 @@ FLOORS = [
     ["distill.detection", "distill.passes", "distill.plan"],
     ["distill.export"],
     ["distill.cli", "distill.commands", "distill.pretrain", "distill.finetune_det", "distill.curate",
-     "distill.label_views", "distill.export.__main__"],
+     "distill.label_views", "distill.export.__main__", "distill.predict"],
 ]
 
 

@@ -1,12 +1,13 @@
 """COCO-format detection data: an images folder and an instances JSON → (uint8 image, target) samples.
 
-Category ids become contiguous labels 0..C-1 in sorted id order; `category_ids[label]` maps a label back
-to the JSON's id for evaluation. A target's boxes are cxcywh normalised to the transformed image, the
-form the detector predicts.
+Category ids become contiguous labels 0..C-1 in sorted id order of the training file; the validation set
+takes the training set's mapping (`categories=`) and is checked against it, so a label always means the
+same category. `category_ids[label]` maps a label back to the JSON's id for evaluation. A target's boxes
+are cxcywh normalised to the transformed image, the form the detector predicts.
 
 Training batches come from `DetectionBatchSampler`, which decides from the batch index alone which images,
-which input side (multi-scale: one side per batch) and whether the strong augmentations are still on, so a
-resumed run draws exactly the batches it would have drawn. Workers resize; images stay uint8 until
+which input side (multi-scale: one side per batch and process) and whether the strong augmentations are
+still on, so a resumed run draws exactly the batches it would have drawn. Workers resize; images stay uint8 until
 `to_model_input` normalises them on the device, a whole batch at once.
 
 An image that cannot be decoded is skipped and its file name reported in the batch's `skipped` list; in
@@ -21,11 +22,15 @@ from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
 
-import albumentations as A
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import tv_tensors
+from torchvision.ops import box_convert
+from torchvision.transforms import v2 as T
+
+from distill.data.det_augment import eval_transform, rtdetr_train_transform
 
 logger = logging.getLogger("distill")
 
@@ -35,7 +40,7 @@ class SampleRequest(NamedTuple):
 
     index: int
     size: int  # square input side in pixels (a multiple of 32)
-    strong: bool = False  # photometric distortion, zoom-out and safe crop on top of flip + resize
+    strong: bool = False  # photometric distortion, zoom-out and IoU crop on top of flip + resize
     seed: Optional[int] = None  # the augmentation's random draws; set, a resumed run repeats them exactly
 
 
@@ -47,27 +52,33 @@ class CocoFormatError(ValueError):
 # Transforms
 # --------------------------------------------------------------------------------------------------
 
-_BBOX_PARAMS = dict(format="coco", label_fields=["labels"], min_width=1, min_height=1, clip=True,
-                    filter_invalid_bboxes=True)
-
-
 @lru_cache(maxsize=64)
-def detection_transform(size: int, train: bool, strong: bool) -> A.Compose:
-    """RT-DETRv2's pipeline in albumentations: photometric distortion, zoom-out onto a canvas up to 4x the
-    side, a crop that keeps every box, horizontal flip, then a square resize (no aspect-ratio keeping,
-    as the reference). Evaluation only resizes."""
-    ops: list = []
-    if train and strong:
-        ops += [
-            A.ColorJitter(brightness=0.125, contrast=0.5, saturation=0.5, hue=0.05, p=0.5),
-            # padding of 0..150% of the side on each edge ≈ a zoom-out with a ratio of 1..4
-            A.CropAndPad(percent=(0.0, 1.5), keep_size=False, sample_independently=True, fill=0, p=0.5),
-            A.BBoxSafeRandomCrop(erosion_rate=0.0, p=0.8),
-        ]
-    if train:
-        ops.append(A.HorizontalFlip(p=0.5))
-    ops.append(A.Resize(size, size))
-    return A.Compose(ops, bbox_params=A.BboxParams(**_BBOX_PARAMS))
+def detection_transform(size: int, train: bool, strong: bool) -> T.Compose:
+    """RT-DETRv2's pipeline (`distill.data.det_augment`): photometric distortion, zoom-out (aspect kept), IoU
+    crop, flip and an antialiased square resize in training (the first three while `strong`); evaluation
+    only resizes."""
+    return rtdetr_train_transform(size, strong) if train else eval_transform(size)
+
+
+def apply_transform(transform: T.Compose, image: np.ndarray, boxes_xywh: np.ndarray, labels: np.ndarray,
+                    seed: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(H, W, 3) uint8, xywh pixel boxes → (3, h, w) uint8 image, xyxy pixel boxes, labels. With a seed the
+    random draws come from it alone (the caller's random state is left as it was)."""
+    height, width = image.shape[:2]
+    boxes = torch.as_tensor(boxes_xywh, dtype=torch.float32).reshape(-1, 4)
+    sample = {
+        "image": tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)),
+        "boxes": tv_tensors.BoundingBoxes(box_convert(boxes, "xywh", "xyxy"), format="XYXY",
+                                          canvas_size=(height, width)),
+        "labels": torch.as_tensor(labels, dtype=torch.int64).reshape(-1),
+    }
+    if seed is None:
+        out = transform(sample)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            out = transform(sample)
+    return out["image"].as_subclass(torch.Tensor), out["boxes"].as_subclass(torch.Tensor), out["labels"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -77,9 +88,13 @@ def detection_transform(size: int, train: bool, strong: bool) -> A.Compose:
 
 class CocoDetection(Dataset):
     """Images of one COCO instances file. `train` turns on augmentation and the replacement of
-    undecodable images; the item is a `SampleRequest` (or a plain index: `img_size`, no strong aug)."""
+    undecodable images; the item is a `SampleRequest` (or a plain index: `img_size`, no strong aug).
 
-    def __init__(self, image_dir: str | Path, ann_file: str | Path, train: bool = False, img_size: int = 640):
+    `categories` (the training set's `categories`) makes this set use the training set's label mapping;
+    every category this file lists must be there under the same id and name, else `CocoFormatError`."""
+
+    def __init__(self, image_dir: str | Path, ann_file: str | Path, train: bool = False, img_size: int = 640,
+                 categories: Optional[Sequence[dict]] = None):
         self.image_dir = Path(image_dir)
         self.ann_file = Path(ann_file)
         self.train = train
@@ -96,9 +111,15 @@ class CocoDetection(Dataset):
             if key not in coco:
                 raise CocoFormatError(f"{self.ann_file}: no {key!r} list (keys present: {sorted(coco)})")
 
-        categories = sorted(coco["categories"], key=lambda c: c["id"])
+        own = sorted(({"id": c["id"], "name": c.get("name", str(c["id"]))} for c in coco["categories"]),
+                     key=lambda c: c["id"])
+        if categories is None:
+            categories = own
+        else:
+            categories = [{"id": c["id"], "name": c["name"]} for c in categories]
+            check_categories(own, categories, self.ann_file)
         self.category_ids: list[int] = [c["id"] for c in categories]
-        self.class_names: list[str] = [c.get("name", str(c["id"])) for c in categories]
+        self.class_names: list[str] = [c["name"] for c in categories]
         self.label_of: dict[int, int] = {cid: i for i, cid in enumerate(self.category_ids)}
         self.images: list[dict] = sorted(coco["images"], key=lambda im: im["id"])
         known_images = {im["id"] for im in self.images}
@@ -107,8 +128,8 @@ class CocoDetection(Dataset):
         for ann in coco["annotations"]:
             where = f"{self.ann_file}: annotation {ann.get('id', '?')}"
             if ann.get("category_id") not in self.label_of:
-                raise CocoFormatError(f"{where}: category_id {ann.get('category_id')} is not in 'categories' "
-                                      f"({self.category_ids})")
+                raise CocoFormatError(f"{where}: category_id {ann.get('category_id')} is not a known category "
+                                      f"(ids: {self.category_ids})")
             if ann.get("image_id") not in known_images:
                 raise CocoFormatError(f"{where}: image_id {ann.get('image_id')} is not in 'images'")
             bbox = ann.get("bbox")
@@ -124,6 +145,11 @@ class CocoDetection(Dataset):
     @property
     def num_classes(self) -> int:
         return len(self.category_ids)
+
+    @property
+    def categories(self) -> list[dict]:
+        """[{"id", "name"}] in label order: the mapping a detector trained on this set predicts in."""
+        return [{"id": i, "name": n} for i, n in zip(self.category_ids, self.class_names)]
 
     def __len__(self) -> int:
         return len(self.images)
@@ -168,21 +194,29 @@ class CocoDetection(Dataset):
         height, width = image.shape[:2]
         boxes, labels = self.annotations(index, width, height)
         transform = detection_transform(request.size, self.train, request.strong)
-        if request.seed is not None:
-            transform.set_random_seed(request.seed)
-        out = transform(image=image, bboxes=boxes, labels=labels)
-        side_h, side_w = out["image"].shape[:2]
-        boxes = torch.as_tensor(np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4))
-        boxes = torch.cat([boxes[:, :2] + boxes[:, 2:] / 2, boxes[:, 2:]], 1)  # xywh → cxcywh
-        boxes /= torch.tensor([side_w, side_h, side_w, side_h], dtype=torch.float32)
+        image, boxes, labels = apply_transform(transform, image, boxes, labels, request.seed)
+        side_h, side_w = image.shape[-2:]
+        scale = torch.tensor([side_w, side_h, side_w, side_h], dtype=torch.float32)
+        boxes = box_convert(boxes, "xyxy", "cxcywh") / scale
         target = {
-            "labels": torch.as_tensor(np.asarray(out["labels"], dtype=np.int64).reshape(-1)),
+            "labels": labels,
             "boxes": boxes,
             "image_id": int(self.images[index]["id"]),
             "orig_size": torch.tensor([width, height]),  # (w, h), what the post-processor scales to
         }
-        return {"image": torch.from_numpy(out["image"]).permute(2, 0, 1).contiguous(), "target": target,
-                "skipped": skipped}
+        return {"image": image.contiguous(), "target": target, "skipped": skipped}
+
+
+def check_categories(own: Sequence[dict], reference: Sequence[dict], ann_file: Path) -> None:
+    """Every category of `own` must be in `reference` (the training set's) with the same id and name."""
+    names = {c["id"]: c["name"] for c in reference}
+    unknown = [c for c in own if c["id"] not in names]
+    renamed = [c for c in own if c["id"] in names and names[c["id"]] != c["name"]]
+    if unknown or renamed:
+        problems = [f"id {c['id']} ({c['name']!r}) is not a training category" for c in unknown]
+        problems += [f"id {c['id']} is {c['name']!r} here but {names[c['id']]!r} in training" for c in renamed]
+        raise CocoFormatError(f"{ann_file}: its categories do not match the training annotations': "
+                              + "; ".join(problems) + f" (training categories: {list(reference)})")
 
 
 def collate_detection(items: Sequence[dict]) -> dict:
@@ -213,8 +247,9 @@ class DetectionBatchSampler(Sampler[list[SampleRequest]]):
     """Batches `start_batch .. total_batches-1` of a seeded, epoch-wise shuffled stream, this process's share.
 
     Every process draws the same global batch of `batch_size x world_size` images and takes every
-    `world_size`-th one, and all use the same side for a batch. Each epoch is a fresh permutation (the
-    tail that does not fill a global batch is dropped). At batch `strong_until` the strong augmentations
+    `world_size`-th one; each process draws its own side for it (as the reference's per-GPU collate does),
+    so a step sees several sides at once. Each epoch is a fresh permutation (the tail that does not fill a
+    global batch is dropped). At batch `strong_until` the strong augmentations
     and the multi-scale draw stop: from there every batch has side `final_size` (default: the largest of
     `sizes`' most frequent ones, i.e. the base size a recipe repeats).
     """
@@ -243,8 +278,8 @@ class DetectionBatchSampler(Sampler[list[SampleRequest]]):
             b = g % self.batches_per_epoch
             mine = order[b * global_batch:(b + 1) * global_batch][self.rank::self.world_size]
             rng = np.random.default_rng([self.seed, epoch, b])
-            size = int(self.sizes[rng.integers(len(self.sizes))])
             seeds = rng.integers(2**31, size=global_batch)[self.rank::self.world_size]
+            size = int(self.sizes[np.random.default_rng([self.seed, epoch, b, self.rank]).integers(len(self.sizes))])
             strong = g < self.strong_until
             size = size if strong else self.final_size
             yield [SampleRequest(int(i), size, strong, int(s)) for i, s in zip(mine, seeds)]

@@ -89,6 +89,8 @@ class RepVGGUnit(nn.Module):
 
     @torch.no_grad()
     def reparameterize(self) -> None:
+        if self.fused is not None:
+            return
         w3, b3 = _fuse_conv_norm(self.conv3)
         w1, b1 = _fuse_conv_norm(self.conv1)
         self.fused = nn.Conv2d(w3.shape[1], w3.shape[0], 3, 1, 1, bias=True).to(w3)
@@ -173,16 +175,19 @@ def _scdown(channels: int) -> nn.Module:
 
 def sincos_position_embedding(h: int, w: int, dim: int, temperature: float = 10000.0,
                               device=None, dtype=torch.float32) -> torch.Tensor:
-    """(1, h*w, dim): [sin(x ω), cos(x ω), sin(y ω), cos(y ω)], rows in the order of `flatten(2)`."""
+    """(1, h*w, dim): [sin(y ω), cos(y ω), sin(x ω), cos(x ω)], rows in the order of `flatten(2)`.
+
+    Rows first, as RT-DETR's reference (on its square maps) and transformers lay it out, so that their
+    trained encoders load unchanged."""
     if dim % 4:
         raise ValueError(f"sine-cosine position embedding needs a width divisible by 4, got {dim}")
     quarter = dim // 4
     omega = 1.0 / temperature ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter)
     ys, xs = torch.meshgrid(torch.arange(h, device=device, dtype=torch.float32),
                             torch.arange(w, device=device, dtype=torch.float32), indexing="ij")
-    x_term = xs.flatten()[:, None] * omega[None]
     y_term = ys.flatten()[:, None] * omega[None]
-    emb = torch.cat([x_term.sin(), x_term.cos(), y_term.sin(), y_term.cos()], dim=1)
+    x_term = xs.flatten()[:, None] * omega[None]
+    emb = torch.cat([y_term.sin(), y_term.cos(), x_term.sin(), x_term.cos()], dim=1)
     return emb[None].to(dtype)
 
 

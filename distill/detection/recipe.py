@@ -26,33 +26,17 @@ from distill.config import (
     at_least,
     load_config,
 )
+from distill.detection.rtdetr import RTDETRConfig
 
 
 @dataclass
-class DetModelConfig:
-    """The fields of `distill.detection.rtdetr.RTDETRConfig` a recipe may set (the class count comes from
-    the data unless given)."""
+class DetModelConfig(RTDETRConfig):
+    """`RTDETRConfig` as a recipe sets it: the same fields, with recipe-friendly defaults and types."""
 
     backbone: str = "mobilenetv4_conv_small"  # timm name or `torchvision/<name>`
-    backbone_checkpoint: Optional[str] = None  # a distillation run checkpoint or exported folder
-    pretrained_backbone: bool = False  # timm's hub weights instead (network access needed)
     num_classes: Optional[int] = None  # default: the training annotations' category count
-    hidden_dim: int = 256
-    expansion: float = 0.5
-    num_queries: int = 300
-    num_decoder_layers: int = 3
-    num_heads: int = 8
-    num_points: int = 4
-    dim_feedforward: int = 1024
-    fusion_block: str = "csp_repvgg"
-    downsample: str = "conv"
-    encoder_attention: str = "aifi"
-    num_denoising: int = 100
-    label_noise_ratio: float = 0.5
-    box_noise_scale: float = 1.0
     out_strides: list[int] = field(default_factory=lambda: [8, 16, 32])  # [16, 32]: the two-level light neck
-    depth_mult: float = 1.0  # CSP units per fusion block = round(3 x depth_mult)
-    dropout: float = 0.0
+    eval_spatial_size: Optional[list[int]] = None
 
 
 @dataclass
@@ -64,7 +48,7 @@ class DetDataConfig:
     val_ann: str = "annotations/instances_val2017.json"
     generate: Optional[str] = None  # "det_demo": generate the shapes dataset under `root` if missing
     img_size: int = 640  # evaluation side, and the training side when `multiscale` is empty
-    multiscale: list[int] = field(default_factory=list)  # training sides drawn per batch (multiples of 32)
+    multiscale: list[int] = field(default_factory=list)  # training sides, each process draws one per batch
     batch_size: int = 4  # per process
     global_batch_size: Optional[int] = None  # when set, batch_size = global / (processes x grad_accum)
     val_batch_size: int = 8
@@ -91,7 +75,8 @@ class DetTrainConfig:
     seed: int = 0
     precision: str = "auto"  # auto (bf16 where supported), no, bf16, fp16
     ema_decay: float = 0.9999
-    ema_warmup: bool = True
+    ema_warmups: int = 2000  # RT-DETR's ramp: decay x (1 - exp(-updates / ema_warmups)); 0: none
+    sync_bn: bool = True  # batch statistics over all processes when several train (on GPUs)
     no_aug_epochs: float = 1.0  # the last epochs train without the strong augmentations or multi-scale
     log_every: int = 50
     ckpt_every: int = 1000
@@ -146,6 +131,7 @@ DET_RANGES = {
     "model.label_noise_ratio": PROBABILITY,
     "model.box_noise_scale": at_least(0),
     "model.out_strides": Range(1, 64, min_length=1),
+    "model.eval_spatial_size": Range(32, 8192, length=2),  # (height, width) of the exported graph
     "model.depth_mult": above(0, 16),
     "model.dropout": FRACTION,
     "data.img_size": SIDE,

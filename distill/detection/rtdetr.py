@@ -57,6 +57,7 @@ class RTDETRConfig:
     out_strides: tuple[int, ...] = (8, 16, 32)
     depth_mult: float = 1.0  # CSP units per fusion block = round(3 · depth_mult)
     dropout: float = 0.0
+    init_from: Optional[str] = None  # encoder + decoder weights: an official RT-DETRv2 .pth or a transformers folder
 
 
 PRESETS: dict[str, dict] = {
@@ -84,6 +85,7 @@ class RTDETR(nn.Module):
         self.max_stride = max(backbone.strides)
         spec = input_spec(backbone)
         self.mean, self.std = spec.mean, spec.std
+        self.init_report = None  # set when built with `init_from`: what was loaded from where
 
     def forward(self, images: torch.Tensor, targets: Optional[list[dict]] = None) -> dict:
         h, w = images.shape[-2:]
@@ -114,4 +116,9 @@ def build_rtdetr(cfg: RTDETRConfig) -> RTDETR:
         cfg.num_classes, [cfg.hidden_dim] * len(backbone.channels), backbone.strides, cfg.hidden_dim,
         cfg.num_queries, cfg.num_decoder_layers, cfg.num_heads, cfg.num_points, cfg.dim_feedforward, cfg.dropout,
         cfg.num_denoising, cfg.label_noise_ratio, cfg.box_noise_scale, _pair(cfg.eval_spatial_size))
-    return RTDETR(replace(cfg, eval_spatial_size=_pair(cfg.eval_spatial_size)), backbone, encoder, decoder)
+    model = RTDETR(replace(cfg, eval_spatial_size=_pair(cfg.eval_spatial_size)), backbone, encoder, decoder)
+    if cfg.init_from:
+        from distill.detection.pretrained import load_detector_weights
+
+        model.init_report = load_detector_weights(model, cfg.init_from)
+    return model

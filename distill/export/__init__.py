@@ -5,6 +5,7 @@
     python -m distill.export runs/mnv4_conv_s --to rtdetr --out exported/mnv4_rtdetr    # + detection recipe
     python -m distill.export runs/mnv4_conv_s --to hf-rtdetr --out exported/mnv4_hf     # transformers RT-DETR
     python -m distill.export runs/rtdetr_mnv4_conv_s --out exported/detector            # ONNX of a detector
+    python -m distill.export runs/rtdetr_mnv4_conv_s --to hf-rtdetr --out exported/hf   # the whole detector
 
 Each target is one module holding one `export_*(run, out, ...)` function; `distill.export.targets` maps
 the CLI names to them. Every export writes `distill.json` (the backbone card: feature levels, input normalisation and side,
@@ -24,6 +25,7 @@ _PUBLIC = {
     "export_rtdetr_backbone": "rtdetr_backbone",
     "export_hf_rtdetr": "hf_rtdetr",
     "export_onnx_detector": "onnx_detector",
+    "export_hf_detector": "hf_detector",
     "TARGETS": "targets",
 }
 __all__ = list(_PUBLIC)

@@ -33,7 +33,8 @@ def parse_args(argv):
     g = p.add_argument_group("hf-rtdetr")
     g.add_argument("--arch", choices=("rtdetr", "rtdetr_v2"), default="rtdetr", help="transformers' RT-DETR or RT-DETRv2")
     g.add_argument("--num-labels", type=int, default=80)
-    g.add_argument("--det-size", type=int, default=640, help="the image processor's side")
+    g.add_argument("--det-size", type=int,
+                   help="the image processor's side (default: 640; a detection run's evaluation side)")
     g.add_argument("--freeze-bn", action="store_true",
                    help="freeze backbone batch norms with timm's freezing (keeps fused activations)")
     g.add_argument("--hf-set", action="append", default=[], metavar="KEY=VALUE",

@@ -1,6 +1,7 @@
 """The export targets by their command-line names."""
 from __future__ import annotations
 
+from distill.export.hf_detector import export_hf_detector
 from distill.export.hf_rtdetr import export_hf_rtdetr
 from distill.export.onnx_detector import export_onnx_detector
 from distill.export.rtdetr_backbone import export_rtdetr_backbone
@@ -17,5 +18,6 @@ STUDENT_TARGETS = {
 # targets that take a detection fine-tuning run: fn(source, out, **options)
 DETECTOR_TARGETS = {
     "onnx": export_onnx_detector,
+    "hf-rtdetr": export_hf_detector,
 }
 TARGETS = {**STUDENT_TARGETS, **DETECTOR_TARGETS}

@@ -1,0 +1,137 @@
+"""Start a detector from COCO-pretrained RT-DETR weights (`model.init_from=PATH`).
+
+PATH is an official RT-DETRv2 checkpoint (`.pth`: its EMA weights, else its model weights), a transformers
+RT-DETR / RT-DETRv2 folder (`config.json` + `model.safetensors`), or a checkpoint of this project. Every
+encoder and decoder tensor whose shape matches is loaded; the backbone is left as given (a distilled one,
+typically); the class-dependent tensors (the score heads and the denoising label embedding) keep their
+fresh initialisation when the class count differs; anything else that does not fit (other widths, other
+levels) keeps its fresh initialisation too. `InitReport` says which tensors went which way.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from distill.detection.layouts import gather, layout_keys
+from distill.engine.checkpoint import load_checkpoint
+
+CLASS_DEPENDENT = ("decoder.enc_score_head.", "decoder.score_heads.", "decoder.denoising_class_embed.")
+HF_MODEL_TYPES = ("rt_detr", "rt_detr_v2")
+
+
+@dataclass
+class InitReport:
+    source: str
+    layout: str  # ours | reference | transformers
+    loaded: list[str] = field(default_factory=list)
+    reinitialised: list[str] = field(default_factory=list)  # class-dependent, the class count differs
+    skipped: dict[str, str] = field(default_factory=dict)  # our key → why it kept its fresh initialisation
+    kept: list[str] = field(default_factory=list)  # the backbone's tensors, left as given
+    unused: list[str] = field(default_factory=list)  # source tensors nothing here took
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self, show: int = 8) -> str:
+        def some(items) -> str:
+            items = list(items)
+            return ", ".join(items[:show]) + (f", ... ({len(items) - show} more)" if len(items) > show else "")
+
+        lines = [f"{self.source} ({self.layout} layout): {len(self.loaded)} tensors loaded, "
+                 f"{len(self.kept)} backbone tensors kept as given"]
+        if self.reinitialised:
+            lines.append(f"re-initialised (class count differs): {some(self.reinitialised)}")
+        if self.skipped:
+            lines.append(f"skipped, freshly initialised: {some(f'{k} ({v})' for k, v in self.skipped.items())}")
+        if self.unused:
+            lines.append(f"unused from the source: {len(self.unused)} tensors ({some(self.unused)})")
+        return "\n".join(lines)
+
+
+def read_detector_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+    """(state dict, its layout) of an RT-DETR checkpoint file or transformers folder."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model.init_from={path}: no such file or folder")
+    if path.is_dir():
+        config = path / "config.json"
+        model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+        if model_type not in HF_MODEL_TYPES:
+            raise ValueError(f"{path} is not a transformers RT-DETR folder (config.json model_type {model_type!r}, "
+                             f"expected one of {HF_MODEL_TYPES})")
+        return hf_state_dict(path), "transformers"
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = _state_dict_of(load_checkpoint(path), path)  # weights_only: refuses files that would run code
+    return state, _detect_layout(state, path)
+
+
+def hf_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """The weights of a saved transformers detector, read by transformers itself: the names it writes to disk
+    follow its checkpoint conventions, the names in memory are the model's modules."""
+    from transformers import AutoModelForObjectDetection
+
+    return AutoModelForObjectDetection.from_pretrained(str(folder)).state_dict()
+
+
+def _state_dict_of(obj, path: Path) -> dict[str, torch.Tensor]:
+    """The weights inside a checkpoint: EMA first (the reference's `ema.module`, ours `ema`), then `model`."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
+    for key in ("ema", "model"):
+        value = obj.get(key)
+        if isinstance(value, dict) and isinstance(value.get("module"), dict):
+            value = value["module"]
+        if isinstance(value, dict) and value and all(torch.is_tensor(v) for v in value.values()):
+            return value
+    if obj and all(torch.is_tensor(v) for v in obj.values()):
+        return obj
+    raise ValueError(f"{path} holds no state dict under 'ema' or 'model' (keys: {sorted(obj)[:10]})")
+
+
+def _detect_layout(state: dict, path: Path) -> str:
+    if any(k.startswith("decoder.decoder.layers.") for k in state):
+        return "reference"
+    if any(k.startswith("model.decoder.layers.") for k in state):
+        return "transformers"
+    if any(k.startswith("decoder.layers.") for k in state):
+        return "ours"
+    raise ValueError(f"{path} does not look like RT-DETR weights (no decoder layers among {len(state)} keys)")
+
+
+def load_detector_weights(model: nn.Module, path: str | Path) -> InitReport:
+    """Load the encoder and decoder tensors of `path` that fit `model` (in place); the backbone stays."""
+    source, layout = read_detector_weights(path)
+    report = InitReport(str(path), layout)
+    chosen, used = {}, set()
+    for key, value in model.state_dict().items():
+        if key.startswith("backbone."):
+            report.kept.append(key)
+            continue
+        keys = [key] if layout == "ours" else layout_keys(key, layout)
+        tensor = gather(source, keys) if keys else None
+        if tensor is None:
+            report.skipped[key] = "not in the source"
+            continue
+        used.update(keys)
+        if tensor.shape != value.shape:
+            if key.startswith(CLASS_DEPENDENT):
+                report.reinitialised.append(key)
+            else:
+                report.skipped[key] = f"shape {list(tensor.shape)} there, {list(value.shape)} here"
+            continue
+        chosen[key] = tensor.to(value.dtype)
+        report.loaded.append(key)
+    if not chosen:
+        raise ValueError(f"model.init_from={path}: none of its {len(source)} tensors fits this detector "
+                         f"({layout} layout); is it an RT-DETR checkpoint of the same width?")
+    model.load_state_dict(chosen, strict=False)
+    report.unused = sorted(set(source) - used)
+    return report
