@@ -9,6 +9,7 @@ metrics.jsonl, checkpoints, predictions.json, predictions.png and summary.json (
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -22,6 +23,7 @@ from omegaconf import OmegaConf
 
 from distill.cli import command
 from distill.config import save_config
+from distill.errors import ConfigError
 from distill.data.coco import (
     CocoDetection,
     DetectionBatchSampler,
@@ -50,13 +52,13 @@ from distill.engine.checkpoint import (
     prune_checkpoints,
     resolve_resume,
 )
-from distill.engine.distributed import start_processes
+from distill.engine.distributed import match_gradient_buckets, share_buffers, start_processes
 from distill.engine.guards import UpdateGuard, weight_checksums
 from distill.engine.run_dir import choose_run_dir
 from distill.engine.logging import make_accelerator, start_trackers
 from distill.engine.optim import build_optimizer, warmup_cosine
 from distill.engine.progress import ProgressBar, banner
-from distill.engine.rng import capture_rng, restore_rng, seed_everything
+from distill.engine.rng import capture_rng, restore_rng, seed_everything, seed_process
 
 logger = logging.getLogger("distill")
 
@@ -115,9 +117,12 @@ def main(argv=None) -> dict:
         plan.total_steps * accum, cfg.train.seed, plan.strong_until * accum, progress.step * accum, rank, world,
         final_size=cfg.data.img_size,
     )
-    batches = iter(build_train_loader(train_set, sampler, cfg.data.num_workers))
-    if rng_state is not None:  # after the loader has drawn its seed, as at the start of the interrupted run
-        restore_rng(rng_state)
+    batches = iter(build_train_loader(train_set, sampler, cfg.data.num_workers, cfg.train.seed))
+    if resume_from:  # DDP's gradient buckets as the uninterrupted run had them (see match_gradient_buckets)
+        first = next(batches)
+        match_gradient_buckets(model, lambda: model(*model_inputs(first, device, mean, std)))
+        batches = itertools.chain([first], batches)
+    parts = DetStepParts(accelerator, model, criterion, optimizer, scheduler, ema, guard, mean, std)
     start_trackers(accelerator, cfg)
     banner(accelerator, cfg.recipe, out, steps=plan.total_steps, steps_per_epoch=plan.steps_per_epoch,
            batch_size=cfg.data.batch_size, grad_accum=accum,
@@ -127,27 +132,19 @@ def main(argv=None) -> dict:
                     "backbone weights": cfg.model.backbone_checkpoint
                     or ("hub" if cfg.model.pretrained_backbone else "none (random init)")})
 
+    if rng_state is not None:
+        restore_rng(rng_state)
+    else:
+        seed_process(cfg.train.seed, rank)  # dropout and denoising noise of this process's own
+
     # ---- loop -------------------------------------------------------------------------------------
     model.train()
     bar = ProgressBar(plan.total_steps, "rt-detr", initial=progress.step, enabled=accelerator.is_main_process)
     while progress.step < plan.total_steps:
-        for _ in range(accum):
-            batch = next(batches)
+        micro_batches = [next(batches) for _ in range(accum)]
+        for batch in micro_batches:
             progress.note_skipped(batch["skipped"])
-            images = to_model_input(batch["images"].to(device, non_blocking=True), mean, std)
-            targets = targets_to(batch["targets"], device)
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    outputs = model(images, targets)
-                with torch.autocast(device.type, enabled=False):  # matching and losses in full precision
-                    losses = criterion(fp32(outputs), targets)
-                loss = sum(losses.values())
-                accelerator.backward(loss)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad or float("inf"))
-        guard.step(loss, grad_norm)
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        ema.update(accelerator.unwrap_model(model), step=progress.step)
+        losses, grad_norm, side = detection_step(parts, micro_batches, cfg, progress.step)
         progress.step += 1
         bar.update(progress.step, images=cfg.data.batch_size * accum * world)
 
@@ -156,7 +153,7 @@ def main(argv=None) -> dict:
             metrics = {k: accelerator.reduce(v.detach().float(), reduction="mean").item() for k, v in losses.items()}
             metrics |= {"loss": sum(metrics.values()), "lr": scheduler.get_last_lr()[-1],
                         "backbone_lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                        "epoch": progress.step / plan.steps_per_epoch, "input_size": images.shape[-1],
+                        "epoch": progress.step / plan.steps_per_epoch, "input_size": side,
                         "skipped_images": total_skipped(accelerator, progress)}
             accelerator.log(metrics, step=progress.step)
             bar.log(loss=metrics["loss"], lr=metrics["lr"])
@@ -223,15 +220,15 @@ def plan_steps(cfg, num_images: int, world_size: int) -> Plan:
     accum = cfg.optim.grad_accum
     if cfg.data.global_batch_size:
         if cfg.data.global_batch_size % (world_size * accum):
-            raise SystemExit(f"error: data.global_batch_size={cfg.data.global_batch_size} does not split evenly "
-                             f"over {world_size} processes x optim.grad_accum={accum}")
+            raise ConfigError(f"data.global_batch_size={cfg.data.global_batch_size} does not split evenly "
+                              f"over {world_size} processes x optim.grad_accum={accum}")
         cfg.data.batch_size = cfg.data.global_batch_size // (world_size * accum)
     try:
         per_epoch = batches_per_epoch(num_images, cfg.data.batch_size, world_size) // accum
     except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+        raise ConfigError(str(e)) from None
     if per_epoch < 1:
-        raise SystemExit(f"error: {num_images} images give less than one step per epoch with grad_accum={accum}")
+        raise ConfigError(f"{num_images} images give less than one step per epoch with grad_accum={accum}")
     total = int(cfg.train.steps) if cfg.train.steps else max(1, math.ceil(cfg.train.epochs * per_epoch))
     strong_until = max(0, total - int(round(cfg.train.no_aug_epochs * per_epoch)))
     return Plan(total, float(per_epoch), min(int(cfg.optim.warmup_steps), total), strong_until)
@@ -262,6 +259,46 @@ def model_config(model_cfg) -> RTDETRConfig:
     return RTDETRConfig(**{**fields, "out_strides": tuple(fields["out_strides"])})
 
 
+@dataclass
+class DetStepParts:
+    accelerator: object
+    model: torch.nn.Module
+    criterion: RTDETRCriterion
+    optimizer: object
+    scheduler: object
+    ema: RTDETREma
+    guard: UpdateGuard
+    mean: object
+    std: object
+
+
+def model_inputs(batch: dict, device, mean, std) -> tuple[torch.Tensor, list[dict]]:
+    """(normalised images, targets) of a loader batch, on the device."""
+    return to_model_input(batch["images"].to(device, non_blocking=True), mean, std), targets_to(batch["targets"], device)
+
+
+def detection_step(p: DetStepParts, micro_batches: list[dict], cfg, step: int) -> tuple[dict, torch.Tensor, int]:
+    """One optimizer step over `grad_accum` micro-batches: forward, matching and losses in full precision,
+    backward, clipping, a guarded update, schedule and EMA. The host waits for the device once per micro-batch,
+    when the matcher takes every cost matrix of the batch in one transfer (the assignment runs on the CPU)."""
+    accelerator, device = p.accelerator, p.accelerator.device
+    for batch in micro_batches:
+        images, targets = model_inputs(batch, device, p.mean, p.std)
+        with accelerator.accumulate(p.model):
+            with accelerator.autocast():
+                outputs = p.model(images, targets)
+            with torch.autocast(device.type, enabled=False):  # matching and losses in full precision
+                losses = p.criterion(fp32(outputs), targets)
+            loss = sum(losses.values())
+            accelerator.backward(loss)
+    grad_norm = accelerator.clip_grad_norm_(p.model.parameters(), cfg.optim.clip_grad or float("inf"))
+    p.guard.step(loss, grad_norm)
+    p.optimizer.zero_grad(set_to_none=True)
+    p.scheduler.step()
+    p.ema.update(accelerator.unwrap_model(p.model), step=step)
+    return losses, grad_norm, images.shape[-1]
+
+
 def fp32(outputs):
     """Model outputs (nested dicts / lists of tensors) in float32 for the loss."""
     if torch.is_tensor(outputs):
@@ -274,7 +311,10 @@ def fp32(outputs):
 
 
 def evaluate(cfg, accelerator, model, ema, val_set, postprocess, mean, std, out_json=None) -> dict:
+    """COCO AP over the validation images, split over the processes; the bare model runs (no collective in
+    its forward), with process 0's batch-norm statistics on every process (see `share_buffers`)."""
     net = ema.module if cfg.eval.use_ema else accelerator.unwrap_model(model)
+    share_buffers(accelerator, net)
     loader = build_eval_loader(val_set, cfg.data.val_batch_size, cfg.data.num_workers,
                                accelerator.process_index, accelerator.num_processes)
     return evaluate_detector(net, loader, postprocess, mean, std, val_set.category_ids, val_set.ann_file,
@@ -336,7 +376,7 @@ def save_det_checkpoint(folder: Path, accelerator, model, ema, optimizer, schedu
         }
         path = checkpoint_path(folder, progress.step)
         atomic_save(state, path)
-        prune_checkpoints(folder, cfg.train.keep_ckpts)
+        prune_checkpoints(folder, cfg.train.keep_ckpts, just_written=path)
         logger.info("checkpoint %s", path)
     accelerator.wait_for_everyone()
 
@@ -347,8 +387,8 @@ def load_det_checkpoint(path: Path, accelerator, model, ema, optimizer, schedule
     caller to restore once nothing else will draw from it."""
     state = load_checkpoint(path)
     if state.get("total_steps") != total_steps:
-        raise SystemExit(f"error: {path} belongs to a run of {state.get('total_steps')} steps but this recipe plans "
-                         f"{total_steps}; resume with the same recipe, epochs/steps and batch size")
+        raise ConfigError(f"{path} belongs to a run of {state.get('total_steps')} steps but this recipe plans "
+                          f"{total_steps}; resume with the same recipe, epochs/steps and batch size")
     load_state_strict(accelerator.unwrap_model(model), state["model"], f"checkpoint {path} (model)")
     ema.module.load_state_dict(state["ema"])
     optimizer.load_state_dict(state["optimizer"])

@@ -24,7 +24,7 @@ from distill.data.mix import DataMix
 from distill.data.mixup import mixup_batch
 from distill.data.synthetic import ensure_demo_dataset
 from distill.engine.checkpoint import atomic_write_text, resolve_resume
-from distill.engine.distributed import match_gradient_buckets, start_processes
+from distill.engine.distributed import match_gradient_buckets, share_buffers, start_processes
 from distill.engine.evaluate import evaluate_topk
 from distill.engine.guards import UpdateGuard, weight_checksums
 from distill.engine.logging import make_accelerator, start_trackers
@@ -96,7 +96,7 @@ def main(argv=None) -> dict:
         progress, mine = load_pretrain_checkpoint(resume_from, accelerator, student, ema, optimizer, scheduler,
                                                   loader_shape)
         mine.loader_shape = loader_shape
-        match_gradient_buckets(student, example_batch(cfg, device))
+        match_gradient_buckets(student, lambda: student(example_batch(cfg, device)))
     loader = build_train_loader(
         mix, cfg.data.img_size, cfg.data.batch_size, cfg.data.num_workers, cfg.train.seed,
         total_samples=total_steps * global_batch, origin=progress.samples, rank=rank, world_size=world,
@@ -281,17 +281,6 @@ def evaluate(cfg, accelerator, student, student_input, ema, teacher) -> dict:
         cfg.data.num_workers, accelerator.process_index, accelerator.num_processes,
     )
     return evaluate_topk(models, loader, accelerator, total_images=loader.dataset.share_size)
-
-
-def share_buffers(accelerator, *modules: torch.nn.Module) -> None:
-    """Every process takes process 0's buffers (batch-norm statistics). DDP hands them out at the start of each
-    training forward, which then updates them from the local batch: after training they differ a little per
-    process, and the checkpoint holds process 0's. Evaluating with those on every process makes the reported
-    accuracy the saved model's."""
-    if accelerator.num_processes > 1:
-        for module in modules:
-            for buffer in module.buffers():
-                torch.distributed.broadcast(buffer, src=0)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from torchvision.ops import box_convert
 from torchvision.transforms import v2 as T
 
 from distill.data.det_augment import eval_transform, rtdetr_train_transform
+from distill.data.stream import single_threaded_opencv
 
 logger = logging.getLogger("distill")
 
@@ -294,15 +295,13 @@ def batches_per_epoch(num_images: int, batch_size: int, world_size: int = 1) -> 
     return n
 
 
-def _worker_init(_: int) -> None:
-    import cv2
-
-    cv2.setNumThreads(1)  # one process per worker already; OpenCV's own pool would only oversubscribe the cores
-
-
-def build_train_loader(dataset: CocoDetection, sampler: DetectionBatchSampler, num_workers: int) -> DataLoader:
+def build_train_loader(dataset: CocoDetection, sampler: DetectionBatchSampler, num_workers: int,
+                       seed: int = 0) -> DataLoader:
+    """Every sample carries its own seed (see DetectionBatchSampler), and the loader draws nothing from the
+    process's random generators: a resumed run gets the same batches."""
+    single_threaded_opencv()
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_detection,
-                      pin_memory=torch.cuda.is_available(), worker_init_fn=_worker_init)
+                      pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(seed))
 
 
 def build_eval_loader(dataset: CocoDetection, batch_size: int, num_workers: int, rank: int = 0,
@@ -311,5 +310,6 @@ def build_eval_loader(dataset: CocoDetection, batch_size: int, num_workers: int,
     size = size or dataset.img_size
     mine = list(range(rank, min(len(dataset), limit or len(dataset)), world_size))
     batches = [[SampleRequest(i, size, False) for i in mine[j:j + batch_size]] for j in range(0, len(mine), batch_size)]
+    single_threaded_opencv()
     return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate_detection,
-                      pin_memory=torch.cuda.is_available(), worker_init_fn=_worker_init)
+                      pin_memory=torch.cuda.is_available(), generator=torch.Generator())

@@ -70,14 +70,14 @@ class RTDETRCriterion(nn.Module):
         their sum is the total."""
         num_boxes = average_box_count(targets, outputs["pred_logits"].device)
         losses = {}
-        for suffix, output in _matched_outputs(outputs):
-            losses.update(self.single(output, targets, self.matcher(output, targets), num_boxes, suffix))
+        named = list(_matched_outputs(outputs))
+        for (suffix, output), indices in zip(named, self.matcher.match_all([o for _, o in named], targets)):
+            losses.update(self.single(output, targets, indices, num_boxes, suffix))
         if "dn_outputs" in outputs:
             meta = outputs["dn_meta"]
             counts = [len(t["labels"]) for t in targets]
             # positives are laid out group by group, each group in target order
-            indices = [(idx.cpu(), torch.arange(n).repeat(meta["groups"]))
-                       for idx, n in zip(meta["positive_idx"], counts)]
+            indices = [(idx, torch.arange(n).repeat(meta["groups"])) for idx, n in zip(meta["positive_idx"], counts)]
             for i, output in enumerate(outputs["dn_outputs"]):
                 losses.update(self.single(output, targets, indices, num_boxes * meta["groups"], f"_dn_{i}"))
         return losses
@@ -92,9 +92,16 @@ def _matched_outputs(outputs: dict):
 
 
 def _gather(targets, indices, device):
-    """Flattened (image index, query index, target box, target label) of all matched pairs."""
-    batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)]).to(device)
-    query_idx = torch.cat([src for src, _ in indices]).to(device)
-    boxes = torch.cat([t["boxes"].reshape(-1, 4)[tgt.to(t["boxes"].device)] for t, (_, tgt) in zip(targets, indices)])
-    labels = torch.cat([t["labels"][tgt.to(t["labels"].device)] for t, (_, tgt) in zip(targets, indices)])
-    return batch_idx, query_idx, boxes.to(device).float(), labels.to(device)
+    """Flattened (image index, query index, target box, target label) of all matched pairs. The indices are
+    host tensors: they go to the device in one copy from pinned memory, which does not wait for the device."""
+    src = torch.cat([s for s, _ in indices])
+    image = torch.cat([torch.full_like(s, i) for i, (s, _) in enumerate(indices)])
+    offsets = torch.tensor([0] + [len(t["labels"]) for t in targets]).cumsum(0)[:-1]
+    flat = torch.cat([t + offsets[i] for i, (_, t) in enumerate(indices)])
+    host = torch.stack([image, src, flat])
+    if device.type == "cuda":
+        host = host.pin_memory()
+    batch_idx, query_idx, target_idx = host.to(device, non_blocking=True)
+    boxes = torch.cat([t["boxes"].reshape(-1, 4) for t in targets]).to(device)[target_idx]
+    labels = torch.cat([t["labels"] for t in targets]).to(device)[target_idx]
+    return batch_idx, query_idx, boxes.float(), labels

@@ -60,8 +60,10 @@ def build_denoising_queries(
     negative = torch.zeros(batch, 2 * slots, 1, device=device)
     negative[:, slots:] = 1
     negative = negative.repeat(1, groups, 1)
-    positive_mask = (1 - negative.squeeze(-1)).bool() & real
-    positive_idx = [row.nonzero().squeeze(-1) for row in positive_mask]
+    # where each image's positives sit, from the box counts on the host (no device sync): group g holds its
+    # positives at g * 2 * slots + [0, n)
+    starts = torch.arange(groups) * 2 * slots
+    positive_idx = [(starts[:, None] + torch.arange(n)[None, :]).flatten() for n in counts]
     total = 2 * slots * groups
 
     if label_noise_ratio > 0:

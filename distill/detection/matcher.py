@@ -32,16 +32,29 @@ class HungarianMatcher(nn.Module):
     @torch.no_grad()
     def forward(self, outputs: dict, targets: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per image (prediction indices, target indices), both LongTensors on CPU, sorted by prediction."""
-        b, q = outputs["pred_logits"].shape[:2]
-        labels = torch.cat([t["labels"] for t in targets]).to(outputs["pred_logits"].device)
-        target_boxes = torch.cat([t["boxes"] for t in targets]).to(outputs["pred_boxes"].device)
+        return self.match_all([outputs], targets)[0]
+
+    @torch.no_grad()
+    def match_all(self, outputs: list[dict], targets: list[dict]) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """`forward` for several sets of predictions at once (the last decoder layer, the auxiliary layers, the
+        encoder's proposals): their cost matrices reach the host in one transfer, so the loss waits for the
+        device once per batch, not once per set."""
+        labels = torch.cat([t["labels"] for t in targets]).to(outputs[0]["pred_logits"].device)
+        target_boxes = torch.cat([t["boxes"] for t in targets]).to(outputs[0]["pred_boxes"].device)
         if len(labels) == 0:
             empty = torch.zeros(0, dtype=torch.long)
-            return [(empty, empty) for _ in targets]
-        cost = self.cost_matrix(outputs["pred_logits"].flatten(0, 1), outputs["pred_boxes"].flatten(0, 1),
-                                labels, target_boxes).view(b, q, -1).cpu()
-        indices = []
-        for i, block in enumerate(cost.split([len(t["labels"]) for t in targets], dim=-1)):
-            rows, cols = linear_sum_assignment(block[i].numpy())
-            indices.append((torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)))
-        return indices
+            return [[(empty, empty) for _ in targets] for _ in outputs]
+        costs = torch.stack([
+            self.cost_matrix(o["pred_logits"].flatten(0, 1), o["pred_boxes"].flatten(0, 1), labels,
+                             target_boxes).view(*o["pred_logits"].shape[:2], -1)
+            for o in outputs
+        ]).cpu()  # (sets, batch, queries, all targets)
+        sizes = [len(t["labels"]) for t in targets]
+        matched = []
+        for cost in costs:
+            indices = []
+            for i, block in enumerate(cost.split(sizes, dim=-1)):
+                rows, cols = linear_sum_assignment(block[i].numpy())
+                indices.append((torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)))
+            matched.append(indices)
+        return matched

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -40,23 +40,46 @@ def broadcast_from_main(value: Any) -> Any:
     return broadcast_object_list([value], from_process=0)[0]
 
 
-def match_gradient_buckets(model: torch.nn.Module, example: torch.Tensor) -> None:
+def match_gradient_buckets(model: torch.nn.Module, forward: Callable[[], Any]) -> None:
     """Give a resumed DDP model the gradient buckets the uninterrupted run had.
 
     DDP lays its gradient buckets out anew after its first synchronised backward, in the order the gradients
     became ready; an all-reduce's rounding depends on where a value sits in its bucket. A resumed run would
     train its first step on the initial layout where the uninterrupted run used the rebuilt one, and drift by
-    a rounding. One throwaway forward and backward here, with the random generators, buffers and gradients
-    put back afterwards, makes the next forward rebuild the buckets as the uninterrupted run did."""
+    a rounding. One throwaway forward (`forward()`, through `model`) and backward here, with the random
+    generators, buffers and gradients put back afterwards, makes the next forward rebuild the buckets as the
+    uninterrupted run did."""
     if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return
     buffers = [b.detach().clone() for b in model.module.buffers()]
-    devices = [example.device] if example.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        output = model(example)
-        output = output if torch.is_tensor(output) else torch.cat([t.flatten() for t in output.values()])
-        (output.float().sum() * 0).backward()
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        (sum(t.float().sum() for t in _float_tensors(forward())) * 0).backward()
     with torch.no_grad():
         for b, saved in zip(model.module.buffers(), buffers):
             b.copy_(saved)
     model.zero_grad(set_to_none=True)
+
+
+def _float_tensors(output: Any) -> Iterator[torch.Tensor]:
+    """The floating-point tensors in a model's output (nested dicts, lists and tuples)."""
+    if torch.is_tensor(output):
+        if output.is_floating_point() and output.requires_grad:
+            yield output
+    elif isinstance(output, dict):
+        for value in output.values():
+            yield from _float_tensors(value)
+    elif isinstance(output, (list, tuple)):
+        for value in output:
+            yield from _float_tensors(value)
+
+
+def share_buffers(accelerator, *modules: torch.nn.Module) -> None:
+    """Every process takes process 0's buffers (batch-norm statistics). DDP hands them out at the start of each
+    training forward, which then updates them from the local batch: after training they differ a little per
+    process, and the checkpoint holds process 0's. Evaluating with those on every process makes the reported
+    accuracy the saved model's."""
+    if accelerator.num_processes > 1:
+        for module in modules:
+            for buffer in module.buffers():
+                torch.distributed.broadcast(buffer, src=0)

@@ -1,0 +1,141 @@
+"""RT-DETR fine-tuning as a small cluster: 3 gloo processes x 2 loader workers, gradient accumulation, more
+processes than validation images, a training set that does not split evenly, a SIGKILL and a resume that must
+end bitwise equal to the run never stopped; and the host waits for the device once per micro-batch at most."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from distill.data.synthetic_coco import generate_coco_shapes
+from distill.engine.checkpoint import list_checkpoints, load_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+FINETUNE = str(ROOT / "distill" / "finetune_det.py")
+PROCESSES, STEPS = 3, 8
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("det_cluster")
+    generate_coco_shapes(root / "shapes", num_train=13, num_val=2, img_size=96, num_classes=3, max_objects=3, seed=1)
+    (root / "tiny.yaml").write_text(
+        "model: {backbone: test_efficientnet, hidden_dim: 32, dim_feedforward: 64, num_heads: 2, num_queries: 20,\n"
+        "        num_decoder_layers: 2, num_points: 2, num_denoising: 10, dropout: 0.1}\n"
+        f"data: {{root: {root / 'shapes'}, train_images: train/images, train_ann: train/annotations.json,\n"
+        "       val_images: val/images, val_ann: val/annotations.json, img_size: 96, multiscale: [64, 96],\n"
+        "       batch_size: 2, val_batch_size: 2, num_workers: 2}\n"
+        "optim: {lr: 0.001, backbone_lr: 0.0005, warmup_steps: 2, clip_grad: 1.0, grad_accum: 2}\n"
+        f"train: {{steps: {STEPS}, ckpt_every: 2, keep_ckpts: 10, log_every: 3, ema_decay: 0.9, precision: 'no',\n"
+        "        trackers: [jsonl]}\n"
+        "eval: {visualize: 0}\n"
+    )
+    return root
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(world, out: Path, *args) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(PROCESSES), "--master_port",
+           str(_free_port()), FINETUNE, f"recipe={world / 'tiny.yaml'}", f"output_dir={out}", *args]
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"} | {"OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, env=env, stdout=open(f"{out}.log", "a"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def finish(proc, out: Path) -> None:
+    assert proc.wait(timeout=900) == 0, Path(f"{out}.log").read_text()[-4000:]
+
+
+@pytest.fixture(scope="module")
+def reference(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("det_reference") / "run"
+    finish(launch(world, out), out)
+    return out
+
+
+def test_three_processes_evaluate_two_images_and_draw_their_own_randomness(reference):
+    summary = json.loads((reference / "summary.json").read_text())
+    assert summary["steps"] == STEPS and summary["metrics"]["eval_images"] == 2  # a process without an image
+    assert len(set(summary["process_weight_checksums"])) == 1 and len(summary["process_weight_checksums"]) == 3
+    states = load_checkpoint(list_checkpoints(reference)[-1])["rng"]
+    assert len({bytes(s["torch"].numpy()) for s in states}) == PROCESSES
+
+
+def test_killed_and_resumed_ends_bitwise_equal(world, reference, tmp_path):
+    out = tmp_path / "killed"
+    proc = launch(world, out)
+    kill_at = random.Random().choice([2, 4])
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if any(int(p.stem.split("-")[1]) >= kill_at for p in list_checkpoints(out)):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, Path(f"{out}.log").read_text()[-3000:]
+    family = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
+    for p in family:
+        p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(family, timeout=60)
+    assert not (out / "summary.json").exists()
+    finish(launch(world, out, "resume=auto"), out)
+
+    a, b = (load_checkpoint(list_checkpoints(run)[-1]) for run in (reference, out))
+    for part in ("model", "ema"):
+        differ = [k for k in a[part] if not torch.equal(a[part][k], b[part][k])]
+        assert not differ, (kill_at, part, differ[:5])
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), kill_at
+
+
+SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__float__", "__int__", "__index__")
+
+
+def test_the_step_waits_for_the_device_once_per_micro_batch(world, tmp_path, monkeypatch):
+    """Calls that make the host wait for a GPU, counted inside each optimizer step by where they come from:
+    only the matcher's one transfer of the batch's cost matrices (and reading that host copy) may appear."""
+    import distill.finetune_det as finetune
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    calls, inside = [], [False]
+    for name in SYNC_METHODS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, __original=original, __name=name, **k):
+            if inside[0]:
+                frame = sys._getframe(1)
+                calls[-1].append((__name, Path(frame.f_code.co_filename).name, frame.f_code.co_name))
+            return __original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    step = finetune.detection_step
+
+    def watched(*args, **kwargs):
+        calls.append([])
+        inside[0] = True
+        try:
+            return step(*args, **kwargs)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(finetune, "detection_step", watched)
+    finetune.main([f"recipe={world / 'tiny.yaml'}", f"output_dir={tmp_path / 'run'}", "train.steps=3",
+                   "data.num_workers=0"])
+    assert len(calls) == 3
+    for step_calls in calls:
+        assert {(where, fn) for _, where, fn in step_calls} <= {("matcher.py", "match_all")}, step_calls
+        assert [name for name, _, _ in step_calls].count("cpu") == 2  # grad_accum 2: once per micro-batch
