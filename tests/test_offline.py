@@ -352,3 +352,24 @@ def test_offline_training_lands_in_the_online_accuracy_band(offline_runs, labell
     assert online["teacher_top1"] > 2 * 100 / NUM_CLASSES  # the teacher learned something worth distilling
     # same teacher, student, steps and batch: within 15 points of each other (240 val images; small budgets vary)
     assert abs(best(offline) - best(online)) <= 15, (offline, online)
+
+
+def test_more_processes_than_units_finish_and_label_every_view_once(labelled, world, tmp_path):
+    """Three processes, two shards to label: one process has nothing to do and must not hold the others up."""
+    import socket
+
+    out, _ = labelled
+    (tmp_path / "two_shards.yaml").write_text(
+        "sources:\n  mixed: {shards: 'shapes/train/shard-{000000..000001}.tar', augment: {name: inception}, "
+        "mixup: true}\n")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", "--master_port", str(port),
+           label_views.__file__, f"recipe={world / 'label.yaml'}", f"output_dir={tmp_path / 'three'}",
+           f"mix={tmp_path / 'two_shards.yaml'}", "view.replicas=1", f"teacher.checkpoint={out / 'teacher.pt'}"]
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"} | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    keys = [v["__key__"] for v in stored_views(tmp_path / "three" / "mixed")]
+    assert len(keys) == len(set(keys)) == 120
