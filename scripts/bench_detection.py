@@ -36,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from distill.finetune_det import fp32  # noqa: E402
 from distill.detection.criterion import RTDETRCriterion  # noqa: E402
 from distill.detection.postprocess import PostProcessor  # noqa: E402
 from distill.detection.rtdetr import build_rtdetr, rtdetr_config  # noqa: E402
@@ -125,7 +126,7 @@ def train_step_times(sizes: DetectorSizes, device: torch.device, img_size: int, 
     def step_ours():
         with autocast():
             outputs = ours(images, targets)
-        loss = sum(criterion(_fp32(outputs), targets).values())
+        loss = sum(criterion(fp32(outputs), targets).values())
         optimizers[0].zero_grad(set_to_none=True)
         loss.backward()
         optimizers[0].step()
@@ -138,16 +139,6 @@ def train_step_times(sizes: DetectorSizes, device: torch.device, img_size: int, 
         optimizers[1].step()
 
     return interleave({"ours": step_ours, TRANSFORMERS: step_theirs}, rounds, warmup, device)
-
-
-def _fp32(outputs):
-    if torch.is_tensor(outputs):
-        return outputs.float() if outputs.is_floating_point() else outputs
-    if isinstance(outputs, dict):
-        return {k: _fp32(v) for k, v in outputs.items()}
-    if isinstance(outputs, (list, tuple)):
-        return type(outputs)(_fp32(v) for v in outputs)
-    return outputs
 
 
 def latency_callables(ours, theirs, img_size: int, device: torch.device, dtype: Optional[torch.dtype] = None,

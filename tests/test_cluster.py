@@ -9,18 +9,12 @@ sample once.
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
+from launches import finish, kill_after, torchrun
 
 from distill.data.loader import build_eval_loader
 from distill.data.synthetic import generate_classification
@@ -30,12 +24,6 @@ from distill.models.factory import create_model
 ROOT = Path(__file__).resolve().parent.parent
 PRETRAIN = str(ROOT / "distill" / "pretrain.py")
 PROCESSES, STEPS, CKPT_EVERY = 4, 12, 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -66,38 +54,8 @@ def cluster(tmp_path_factory):
     return root
 
 
-def launch(cluster, out: Path, *args: str) -> subprocess.Popen:
-    """torchrun with 4 processes and no ACCELERATE_USE_CPU: on a machine without CUDA the processes must still
-    form one gloo run, not four single-process copies."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(PROCESSES),
-           "--master_port", str(_free_port()), PRETRAIN, f"recipe={cluster / 'base.yaml'}", f"output_dir={out}", *args]
-    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
-    env |= {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    log = open(f"{out}.log", "a")
-    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def finish(proc: subprocess.Popen, out: Path) -> None:
-    assert proc.wait(timeout=900) == 0, Path(f"{out}.log").read_text()[-4000:]
-
-
-def kill_after(proc: subprocess.Popen, out: Path, step: int) -> int:
-    """SIGKILL the whole launch (workers included) once a checkpoint of `step` or later exists."""
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        done = [int(p.stem.split("-")[1]) for p in list_checkpoints(out)]
-        if done and max(done) >= step:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, f"the run ended before step {step}: " + Path(f"{out}.log").read_text()[-3000:]
-    # torchrun starts its workers in sessions of their own: kill every descendant, as a scheduler would
-    family = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
-    for p in family:
-        p.send_signal(signal.SIGKILL)
-    psutil.wait_procs(family, timeout=60)
-    proc.wait()
-    assert not (out / "summary.json").exists()
-    return max(int(p.stem.split("-")[1]) for p in list_checkpoints(out))
+def launch(cluster, out: Path, *args: str):
+    return torchrun(PRETRAIN, PROCESSES, out, f"recipe={cluster / 'base.yaml'}", *args)
 
 
 def final(out: Path) -> dict:

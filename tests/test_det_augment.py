@@ -16,15 +16,6 @@ from distill.data.coco import CocoDetection, SampleRequest
 SIDE, NUM_IMAGES, MAX_BOXES = 320, 300, 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small images: extra intra-op threads only contend for the shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def reference_pipeline(size):
     """RT-DETRv2's training transforms, as its configuration lists them, from torchvision."""
     return T.Compose([

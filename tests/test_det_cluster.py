@@ -4,18 +4,12 @@ end bitwise equal to the run never stopped; and the host waits for the device on
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
+from launches import finish, kill_after, sync_calls, torchrun
 
 from distill.data.synthetic_coco import generate_coco_shapes
 from distill.engine.checkpoint import list_checkpoints, load_checkpoint
@@ -43,22 +37,8 @@ def world(tmp_path_factory):
     return root
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(world, out: Path, *args) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(PROCESSES), "--master_port",
-           str(_free_port()), FINETUNE, f"recipe={world / 'tiny.yaml'}", f"output_dir={out}", *args]
-    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"} | {"OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, env=env, stdout=open(f"{out}.log", "a"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-
-
-def finish(proc, out: Path) -> None:
-    assert proc.wait(timeout=900) == 0, Path(f"{out}.log").read_text()[-4000:]
+def launch(world, out: Path, *args):
+    return torchrun(FINETUNE, PROCESSES, out, f"recipe={world / 'tiny.yaml'}", *args)
 
 
 @pytest.fixture(scope="module")
@@ -78,19 +58,7 @@ def test_three_processes_evaluate_two_images_and_draw_their_own_randomness(refer
 
 def test_killed_and_resumed_ends_bitwise_equal(world, reference, tmp_path):
     out = tmp_path / "killed"
-    proc = launch(world, out)
-    kill_at = random.Random().choice([2, 4])
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if any(int(p.stem.split("-")[1]) >= kill_at for p in list_checkpoints(out)):
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, Path(f"{out}.log").read_text()[-3000:]
-    family = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
-    for p in family:
-        p.send_signal(signal.SIGKILL)
-    psutil.wait_procs(family, timeout=60)
-    assert not (out / "summary.json").exists()
+    kill_at = kill_after(launch(world, out), out, random.Random().choice([2, 4]))
     finish(launch(world, out, "resume=auto"), out)
 
     a, b = (load_checkpoint(list_checkpoints(run)[-1]) for run in (reference, out))
@@ -101,9 +69,6 @@ def test_killed_and_resumed_ends_bitwise_equal(world, reference, tmp_path):
         assert all(torch.equal(sa[k], sb[k]) for k in sa), kill_at
 
 
-SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__float__", "__int__", "__index__")
-
-
 def test_the_step_waits_for_the_device_once_per_micro_batch(world, tmp_path, monkeypatch):
     """Calls that make the host wait for a GPU, counted inside each optimizer step by where they come from:
     only the matcher's one transfer of the batch's cost matrices (and reading that host copy) may appear."""
@@ -111,30 +76,9 @@ def test_the_step_waits_for_the_device_once_per_micro_batch(world, tmp_path, mon
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
-    calls, inside = [], [False]
-    for name in SYNC_METHODS:
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *a, __original=original, __name=name, **k):
-            if inside[0]:
-                frame = sys._getframe(1)
-                calls[-1].append((__name, Path(frame.f_code.co_filename).name, frame.f_code.co_name))
-            return __original(self, *a, **k)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
-    step = finetune.detection_step
-
-    def watched(*args, **kwargs):
-        calls.append([])
-        inside[0] = True
-        try:
-            return step(*args, **kwargs)
-        finally:
-            inside[0] = False
-
-    monkeypatch.setattr(finetune, "detection_step", watched)
-    finetune.main([f"recipe={world / 'tiny.yaml'}", f"output_dir={tmp_path / 'run'}", "train.steps=3",
-                   "data.num_workers=0"])
+    with sync_calls(monkeypatch, finetune, "detection_step") as calls:
+        finetune.main([f"recipe={world / 'tiny.yaml'}", f"output_dir={tmp_path / 'run'}", "train.steps=3",
+                       "data.num_workers=0"])
     assert len(calls) == 3
     for step_calls in calls:
         assert {(where, fn) for _, where, fn in step_calls} <= {("matcher.py", "match_all")}, step_calls

@@ -10,17 +10,6 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread (torch and onnxruntime): on cores shared with other test workers, more only contend."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def det_table():
     spec = importlib.util.spec_from_file_location("det_table", ROOT / "scripts" / "det_table.py")

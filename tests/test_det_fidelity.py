@@ -18,14 +18,6 @@ TINY = dict(hidden_dim=32, dim_feedforward=64, num_queries=20, num_decoder_layer
             num_denoising=0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_detector(backbone="mobilenetv4_conv_small_035"):
     torch.manual_seed(0)
     return build_rtdetr(rtdetr_config(backbone, 3, **TINY))

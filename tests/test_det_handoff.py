@@ -28,14 +28,6 @@ MODEL = dict(backbone=BACKBONE, backbone_checkpoint=None, pretrained_backbone=Fa
 CATEGORIES = [{"id": 1, "name": "circle"}, {"id": 4, "name": "square"}, {"id": 7, "name": "star"}]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def randomise(model, seed=0, attention_gain=6.0):
     """Weights far from their initialisation: batch-norm statistics and scales, jittered tensors, and a peaky
     encoder attention (so that the position embedding matters to the outputs)."""

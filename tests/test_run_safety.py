@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from launches import sync_calls
 
 import distill.pretrain as pretrain
 from distill.data.mix import DataMix
@@ -128,34 +129,12 @@ def test_a_checkpoint_that_would_run_code_is_refused_by_name(world, tmp_path, ca
     assert not marker.exists()
 
 
-SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__float__", "__int__", "__index__")
-
-
 def test_the_training_step_waits_for_the_device_never(world, tmp_path, monkeypatch):
     """Calls that make the host wait for a GPU, counted inside each optimizer step of the real loop."""
-    counts, inside = [], [False]
-    for name in SYNC_METHODS:
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *a, __original=original, **k):
-            if inside[0]:
-                counts[-1] += 1
-            return __original(self, *a, **k)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
-    step = pretrain.distill_step
-
-    def watched(*args, **kwargs):
-        counts.append(0)
-        inside[0] = True
-        try:
-            return step(*args, **kwargs)
-        finally:
-            inside[0] = False
-
-    monkeypatch.setattr(pretrain, "distill_step", watched)
-    run(world, f"output_dir={tmp_path / 'run'}", "optim.grad_accum=2", "optim.clip_grad=1.0", "loss.ce_weight=0.5")
-    assert counts == [0, 0, 0, 0]
+    with sync_calls(monkeypatch, pretrain, "distill_step") as calls:
+        run(world, f"output_dir={tmp_path / 'run'}", "optim.grad_accum=2", "optim.clip_grad=1.0",
+            "loss.ce_weight=0.5")
+    assert calls == [[], [], [], []]
 
 
 def test_loader_processes_run_opencv_on_one_thread(world):
