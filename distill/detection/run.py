@@ -16,7 +16,12 @@ from typing import Optional
 import torch
 from torch import nn
 
-from distill.engine.checkpoint import CheckpointMismatch, list_checkpoints, load_checkpoint, load_state_strict
+from distill.engine.checkpoint import (
+    CheckpointMismatch,
+    load_checkpoint,
+    load_state_strict,
+    resolve_checkpoint,
+)
 
 logger = logging.getLogger("distill")
 
@@ -31,18 +36,6 @@ class DetectorRun:
     checkpoint: Path
     weights: str  # ema | model
     categories: list[dict]  # [{"id", "name"}] in label order
-
-
-def resolve_checkpoint(source: str | Path) -> Path:
-    source = Path(source)
-    if not source.exists():
-        raise FileNotFoundError(f"{source} does not exist (give a run folder or a checkpoint file)")
-    if source.is_dir():
-        found = list_checkpoints(source)
-        if not found:
-            raise FileNotFoundError(f"run folder {source} holds no ckpt-XXXXXXXX.pt checkpoint")
-        return found[-1]
-    return source
 
 
 def is_detection_checkpoint(obj) -> bool:

@@ -91,6 +91,19 @@ def load_checkpoint(path: Path, mmap: bool = False) -> dict:
         raise CheckpointMismatch(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
 
 
+def resolve_checkpoint(source: str | Path) -> Path:
+    """A run folder → its newest checkpoint; a file, or an exported folder (`model.safetensors`), as given."""
+    source = Path(source)
+    if not source.exists():
+        raise FileNotFoundError(f"{source} does not exist (give a run folder or a checkpoint file)")
+    if source.is_dir() and not (source / "model.safetensors").exists():
+        found = list_checkpoints(source)
+        if not found:
+            raise FileNotFoundError(f"run folder {source} holds no ckpt-XXXXXXXX.pt checkpoint")
+        return found[-1]
+    return source
+
+
 def resolve_resume(resume: Optional[str], folder: Path) -> Optional[Path]:
     """`auto` picks the newest readable checkpoint in `folder` (None when there is none)."""
     if not resume:

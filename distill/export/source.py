@@ -12,7 +12,12 @@ from typing import Optional
 
 from torch import nn
 
-from distill.engine.checkpoint import CheckpointMismatch, list_checkpoints, load_checkpoint, load_state_strict
+from distill.engine.checkpoint import (
+    CheckpointMismatch,
+    load_checkpoint,
+    load_state_strict,
+    resolve_checkpoint,
+)
 from distill.models.factory import create_model, read_state_dict
 
 WEIGHTS = ("ema", "student")
@@ -30,19 +35,6 @@ class StudentRun:
     config: dict = field(default_factory=dict)  # the run's resolved recipe (empty for a plain state dict)
     summary: dict = field(default_factory=dict)  # the run's summary.json (empty when absent)
     step: Optional[int] = None
-
-
-def resolve_checkpoint(source: str | Path) -> Path:
-    """A run folder → its newest checkpoint; anything else as given."""
-    source = Path(source)
-    if not source.exists():
-        raise FileNotFoundError(f"{source} does not exist (give a run folder or a checkpoint file)")
-    if source.is_dir() and not (source / "model.safetensors").exists():
-        found = list_checkpoints(source)
-        if not found:
-            raise FileNotFoundError(f"run folder {source} holds no ckpt-XXXXXXXX.pt checkpoint")
-        return found[-1]
-    return source
 
 
 def is_run_checkpoint(obj) -> bool:
