@@ -132,6 +132,9 @@ class PretrainConfig:
     resume: Optional[str] = None  # "auto": newest checkpoint in output_dir; or a checkpoint path
     overwrite: bool = False  # start afresh in an output_dir that holds an earlier run, deleting its files
     dry_run: Optional[int] = None  # N: print the run's plan as if on N processes and exit, reading no images
+    # "labels": after the distilled run, train the same student on labels alone with the same steps, data, batch
+    # and seed, in <run>/baseline/; its top-1 joins the summary as baseline_top1
+    baseline: Optional[str] = None
     student: StudentConfig = field(default_factory=StudentConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -214,7 +217,15 @@ WORKERS = at_least(0, MAX_WORKERS)
 SEED = at_least(0, MAX_SEED)
 MEAN_STD = Range(0.0, 1e3, lo_open=True, length=3)  # per RGB channel; a zero std would divide by zero
 
+# A baseline is the distilled run with these keys changed: what it leaves out is what distillation adds. Labels
+# only: cross-entropy with the label smoothing of supervised recipes (timm's, and the teacher fit's, 0.1) on the
+# (mixed) labels of the same views.
+BASELINES = {
+    "labels": {"loss.kd_weight": 0.0, "loss.ce_weight": 1.0, "loss.label_smoothing": 0.1},
+}
+
 PRETRAIN_CHOICES = {
+    "baseline": (None, *BASELINES),
     "teacher.mode": ("online", "offline"),
     "data.generate": (None, "demo"),
     "teacher.interpolation": (None, "bilinear", "bicubic"),

@@ -4,7 +4,8 @@
 
 Teacher and student see the same view: the batch is augmented on the CPU workers, mixed up once on the
 device, and that one tensor goes to both. In offline mode the teacher's distribution for each stored view
-comes with the data and no teacher runs.
+comes with the data and no teacher runs. With `baseline=labels` the same student is then trained on labels
+alone in `<run>/baseline/` (`distill/baseline.py`), for comparison.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from distill.baseline import add_baseline, baseline_config, print_outcome
 from distill.cli import command
 from distill.config import ConfigError, load_pretrain_config, save_config
 from distill.data.loader import build_eval_loader, build_train_loader
@@ -24,10 +26,10 @@ from distill.data.mix import DataMix
 from distill.data.mixup import mixup_batch
 from distill.data.synthetic import ensure_demo_dataset
 from distill.engine.checkpoint import atomic_write_text, resolve_resume
-from distill.engine.distributed import match_gradient_buckets, share_buffers, start_processes
+from distill.engine.distributed import end_processes, match_gradient_buckets, share_buffers, start_processes
 from distill.engine.evaluate import evaluate_topk
 from distill.engine.guards import UpdateGuard, weight_checksums
-from distill.engine.logging import make_accelerator, start_trackers
+from distill.engine.logging import finish_trackers, make_accelerator, start_trackers
 from distill.engine.optim import build_optimizer, warmup_cosine
 from distill.engine.ema import build_ema
 from distill.plan import check_stored_views, describe_run, epoch_steps, plan_run, plan_steps, print_plan
@@ -37,7 +39,7 @@ from distill.engine.run_dir import choose_run_dir
 from distill.engine.speed import auto_on_gpu
 from distill.engine.state import ProcessState, Progress, load_pretrain_checkpoint, save_pretrain_checkpoint
 from distill.losses import distillation_loss, soften, stored_targets
-from distill.models.factory import create_model, input_spec
+from distill.models.factory import create_model, input_spec, zero_classifier
 from distill.models.teacher import InputAdapter
 from distill.models.teacher_fit import build_teacher, describe_teacher
 
@@ -52,6 +54,16 @@ def main(argv=None) -> dict:
         return print_plan(plan, describe_run(plan))
     cfg.student.channels_last = auto_on_gpu(cfg.student.channels_last)
     start_processes()
+    summary = train(cfg)
+    if cfg.baseline:
+        summary = add_baseline(cfg, summary, train(baseline_config(cfg)))
+    print_outcome(cfg, summary)
+    end_processes()
+    return summary
+
+
+def train(cfg) -> dict:
+    """One run into its folder (chosen here, and written back to `cfg.output_dir`): build, loop, evaluate."""
     out = choose_run_dir(cfg.output_dir, Path("runs") / Path(cfg.recipe).stem, cfg.resume, cfg.overwrite)
     cfg.output_dir = str(out)
     accelerator = make_accelerator(cfg.train.precision, cfg.optim.grad_accum, out, cfg.train.trackers)
@@ -78,6 +90,8 @@ def main(argv=None) -> dict:
         cfg.student.name, cfg.student.num_classes, cfg.student.pretrained,
         cfg.student.drop_rate, cfg.student.drop_path_rate, cfg.student.checkpoint,
     )
+    if not (cfg.student.pretrained or cfg.student.checkpoint):
+        zero_classifier(student)
     student_input = InputAdapter(input_spec(student)).to(device)
     if cfg.student.channels_last:
         student = student.to(memory_format=torch.channels_last)
@@ -169,7 +183,7 @@ def main(argv=None) -> dict:
     if accelerator.is_main_process:
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
         logger.info("summary: %s", json.dumps({k: summary[k] for k in ("steps", "teacher_top1", "student_top1", "student_ema_top1")}))
-    accelerator.end_training()
+    finish_trackers(accelerator)  # the processes stay one group: a baseline run may follow
     return summary
 
 

@@ -350,5 +350,5 @@ def test_field_comments_read_from_the_schema_source():
 
 def test_readme_says_which_key_shortens_the_demo_teacher():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    setup = readme.split("## Set up, run, test")[1].split("\n## ")[0]
+    setup = readme.split("\n## The demo")[1].split("\n## ")[0]
     assert "--help" in setup and "teacher.fit_steps" in setup and "train.steps" in setup

@@ -14,7 +14,7 @@ FLOORS = [
     ["distill.config", "distill.losses"],
     ["distill.data"],
     ["distill.models"],
-    ["distill.detection", "distill.passes", "distill.plan"],
+    ["distill.detection", "distill.passes", "distill.plan", "distill.baseline"],
     ["distill.export"],
     ["distill.cli", "distill.commands", "distill.pretrain", "distill.finetune_det", "distill.curate",
      "distill.label_views", "distill.export.__main__", "distill.predict"],

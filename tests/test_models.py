@@ -4,7 +4,7 @@ import torchvision
 
 from distill.engine.checkpoint import CheckpointMismatch, atomic_save
 from distill.losses import dense_from_topk, distillation_loss, kl_divergence, soften
-from distill.models.factory import create_model, input_spec, num_outputs, read_state_dict
+from distill.models.factory import create_model, input_spec, num_outputs, read_state_dict, zero_classifier
 from distill.models.teacher import create_teacher
 
 
@@ -21,6 +21,14 @@ def test_timm_and_torchvision_by_name():
         create_model("torchvision/shufflenet_v2_x0_5", num_classes=5, drop_path_rate=0.1)
     with pytest.raises(ValueError, match="unknown model"):
         create_model("no_such_net_xyz", num_classes=3)
+
+
+def test_a_classifier_trained_from_scratch_starts_with_every_class_equally_likely():
+    for name in ("mobilenetv4_conv_small_035", "test_resnet", "torchvision/shufflenet_v2_x0_5"):
+        model = zero_classifier(create_model(name, num_classes=10)).eval()
+        with torch.no_grad():
+            probs = model(torch.randn(2, 3, 64, 64)).softmax(-1)
+        assert torch.allclose(probs, torch.full_like(probs, 0.1)), name
 
 
 def test_checkpoint_forms_and_mismatch(tmp_path):

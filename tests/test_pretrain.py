@@ -28,13 +28,11 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("pretrain")
     generate_classification(root / "shapes", num_classes=NUM_CLASSES, train_per_class=120, val_per_class=40,
                             img_size=32, seed=0, shard_size=60)
-    # the full training set, and a small labelled subset (2 of 12 shards) for the student-budget comparison
-    for name, shards in (("mix", "shapes/train"), ("mix_small", '"shapes/train/shard-{000000..000001}.tar"')):
-        (root / f"{name}.yaml").write_text(
-            "sources:\n"
-            f"  strong: {{shards: {shards}, augment: {{name: inception_randaug, num_ops: 2, magnitude: 9}}, weight: 1}}\n"
-            f"  mixed: {{shards: {shards}, augment: {{name: inception}}, mixup: true, weight: 1}}\n"
-        )
+    (root / "mix.yaml").write_text(
+        "sources:\n"
+        "  strong: {shards: shapes/train, augment: {name: inception_randaug, num_ops: 2, magnitude: 9}, weight: 1}\n"
+        "  mixed: {shards: shapes/train, augment: {name: inception}, mixup: true, weight: 1}\n"
+    )
     (root / "base.yaml").write_text(
         f"""
 student: {{name: test_resnet, num_classes: {NUM_CLASSES}}}
@@ -72,21 +70,6 @@ def teacher_ckpt(world, tmp_path_factory):
     run(world, out, "teacher.fit_steps=300", "train.steps=1")
     assert (out / "teacher.pt").exists()
     return out / "teacher.pt"
-
-
-@pytest.mark.slow
-def test_distillation_learns_and_beats_labels_alone(world, teacher_ckpt, tmp_path):
-    # The teacher learned from all 720 training images; the students get 120 of them and 200 steps. Labels alone
-    # overfit that subset; the teacher's distribution on consistent, mixed views carries what the labels lack.
-    budget = ["train.steps=200", f"teacher.checkpoint={teacher_ckpt}", f"data.mix={world / 'mix_small.yaml'}"]
-    run(world, tmp_path / "kd", *budget)
-    run(world, tmp_path / "ce", *budget, "loss.kd_weight=0", "loss.ce_weight=1")
-    distilled, labels_only = summary(tmp_path / "kd"), summary(tmp_path / "ce")
-    teacher_top1 = distilled["teacher_top1"]
-    assert teacher_top1 > 100 / NUM_CLASSES * 2, distilled  # the teacher really learned
-    best = max(distilled["student_top1"], distilled["student_ema_top1"])
-    assert best >= 0.9 * teacher_top1, distilled
-    assert best > max(labels_only["student_top1"], labels_only["student_ema_top1"]), (distilled, labels_only)
 
 
 def test_run_writes_its_folder_and_follows_the_mix(world, teacher_ckpt, tmp_path):

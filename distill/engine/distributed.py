@@ -29,6 +29,13 @@ def start_processes():
     return state
 
 
+def end_processes() -> None:
+    """The launch's runs are over: leave the process group (nothing to do for a single process)."""
+    from accelerate import PartialState
+
+    PartialState().destroy_process_group()
+
+
 def broadcast_from_main(value: Any) -> Any:
     """The main process's `value`, on every process (a picklable object)."""
     from accelerate.utils import broadcast_object_list

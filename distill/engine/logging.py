@@ -111,6 +111,13 @@ def make_accelerator(
     return accelerator
 
 
+def finish_trackers(accelerator: Accelerator) -> None:
+    """Close a run's trackers. (`Accelerator.end_training` would also end the process group, which a run that
+    follows in the same launch still needs.)"""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+
+
 def run_name(cfg) -> str:
     """A run is named after its folder (`runs/<recipe>` unless `output_dir` says otherwise)."""
     return Path(cfg.output_dir).name

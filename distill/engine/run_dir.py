@@ -21,21 +21,22 @@ logger = logging.getLogger("distill")
 RUN_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "teacher.pt", "predictions.json", "predictions.png")
 RUN_GLOBS = ("ckpt-*.pt", "keys-rank*.tsv", ".ckpt-*.tmp")
 TRACKER_DIRS = ("distill",)  # tensorboard event folders (the trackers' project name)
+BASELINE_DIR = "baseline"  # a labels-only run beside the distilled one (pretrain's `baseline` key)
 
 
 def run_files(folder: Path) -> list[Path]:
     """The files and tracker folders an earlier run left in `folder`."""
     if not folder.is_dir():
         return []
-    found = [folder / n for n in RUN_FILES + TRACKER_DIRS if (folder / n).exists()]
+    found = [folder / n for n in RUN_FILES + TRACKER_DIRS + (BASELINE_DIR,) if (folder / n).exists()]
     for pattern in RUN_GLOBS:
         found += sorted(folder.glob(pattern))
     return found
 
 
 def _holds_run(folder: Path) -> bool:
-    return any(p.name in ("config.yaml", "summary.json", "metrics.jsonl") or CKPT_PATTERN.search(p.name)
-               for p in run_files(folder))
+    markers = ("config.yaml", "summary.json", "metrics.jsonl", BASELINE_DIR)
+    return any(p.name in markers or CKPT_PATTERN.search(p.name) for p in run_files(folder))
 
 
 def _numbered(default: Path) -> list[Path]:

@@ -113,6 +113,19 @@ def create_model(
     return model
 
 
+def zero_classifier(model: nn.Module) -> nn.Module:
+    """For training from scratch: the classifier starts at zero (as big_vision's heads do), every class equally
+    likely, a first loss of ln(classes). timm draws MobileNet classifiers from U(+-1/sqrt(classes)), a scale meant for
+    1,000 classes: with ten, the first logits spread by several units (the demo's first distillation losses were
+    near 7 rather than 2.3)."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else getattr(model, "fc", None)
+    if isinstance(head, nn.Linear):
+        nn.init.zeros_(head.weight)
+        if head.bias is not None:
+            nn.init.zeros_(head.bias)
+    return model
+
+
 def read_state_dict(path: str | Path, prefer: str = "ema") -> dict:
     """The weights in a run checkpoint (`ema` or `student`), a plain state dict, a safetensors file, or an
     exported folder holding `model.safetensors`."""

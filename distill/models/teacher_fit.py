@@ -19,7 +19,7 @@ from distill.engine.speed import auto_on_gpu
 from distill.engine.optim import build_optimizer, warmup_cosine
 from distill.engine.progress import ProgressBar
 from distill.errors import ConfigError
-from distill.models.factory import create_model, input_spec
+from distill.models.factory import create_model, input_spec, zero_classifier
 from distill.models.teacher import InputAdapter, create_teacher
 
 logger = logging.getLogger("distill")
@@ -93,7 +93,7 @@ def build_teacher(cfg, mix, accelerator, out: Path):
         if not broadcast_from_main(fitted):  # one decision for all processes
             logger.info("the teacher %s has no weights: training it on labels for %d steps first "
                         "(teacher.fit_steps; saved as %s)", t.name, t.fit_steps, checkpoint)
-            model = create_model(t.name, num_classes=cfg.student.num_classes)
+            model = zero_classifier(create_model(t.name, num_classes=cfg.student.num_classes))
             loader = build_train_loader(
                 mix, cfg.data.img_size, cfg.data.batch_size, cfg.data.num_workers, cfg.train.seed + 1,
                 total_samples=t.fit_steps * cfg.data.batch_size * accelerator.num_processes,
