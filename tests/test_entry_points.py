@@ -202,28 +202,12 @@ def check_outcome(world, module, pairs):
     assert "Traceback" not in err and err.strip().startswith("error: "), (argv, err)
 
 
+@pytest.mark.parametrize("module", ["distill.pretrain", "distill.finetune_det", "distill.curate",
+                                    "distill.label_views"])
 @PROPERTY
-@given(pairs=overrides("distill.pretrain"))
-def test_pretrain_values_set_up_or_fail_in_one_line(world, pairs):
-    check_outcome(world, "distill.pretrain", pairs)
-
-
-@PROPERTY
-@given(pairs=overrides("distill.finetune_det"))
-def test_finetune_values_set_up_or_fail_in_one_line(world, pairs):
-    check_outcome(world, "distill.finetune_det", pairs)
-
-
-@PROPERTY
-@given(pairs=overrides("distill.curate"))
-def test_curate_values_set_up_or_fail_in_one_line(world, pairs):
-    check_outcome(world, "distill.curate", pairs)
-
-
-@PROPERTY
-@given(pairs=overrides("distill.label_views"))
-def test_label_views_values_set_up_or_fail_in_one_line(world, pairs):
-    check_outcome(world, "distill.label_views", pairs)
+@given(data=st.data())
+def test_values_set_up_or_fail_in_one_line(world, module, data):
+    check_outcome(world, module, data.draw(overrides(module)))
 
 
 # ---- the cases the issue named, and what the property runs found ------------------------------------------
