@@ -40,6 +40,7 @@ from distill.data.mix import MixError
 from distill.detection.recipe import DET_CHOICES, DET_RANGES, DetConfig, load_det_config
 from distill.engine.checkpoint import CheckpointMismatch
 from distill.engine.distributed import LaunchError
+from distill.engine.preemption import EXIT_REQUEUE, CollectiveTimeout, Preempted
 from distill.errors import ConfigError, MissingExtra, require
 from distill.errors import NonFiniteLoss
 from distill.passes.recipe import (
@@ -92,14 +93,18 @@ ENTRY_POINTS = {
 
 @contextlib.contextmanager
 def user_errors():
-    """A user error becomes `error: <message>` on stderr and exit status 2."""
+    """A user error becomes `error: <message>` on stderr and exit status 2; a run stopped by a signal exits with
+    EXIT_REQUEUE after its checkpoint, and a collective that timed out says which process fell behind (status 1)."""
     try:
         yield
-    except USER_ERRORS as e:
+    except Preempted as e:
+        print(e, file=sys.stderr)
+        raise SystemExit(EXIT_REQUEUE) from None
+    except (*USER_ERRORS, CollectiveTimeout) as e:
         if os.environ.get(DEBUG_ENV):
             raise
         print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(1 if isinstance(e, CollectiveTimeout) else 2) from None
 
 
 def command(module: str, requires: Optional[Mapping[str, tuple[str, str]]] = None):

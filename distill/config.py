@@ -126,6 +126,19 @@ class TrainConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """A days-long run on a shared cluster (distill/engine/preemption.py)."""
+
+    # On any of these, every process stops at the next step (or unit) boundary with a checkpoint and exits with
+    # status 75, which the SLURM scripts requeue: SLURM's preemption and scancel (SIGTERM), its `--signal`
+    # ahead of the time limit (SIGUSR1 in scripts/*.sbatch), a terminal's Ctrl-C (SIGINT)
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
+    # Seconds a collective may wait for the slowest process before the run stops with an error naming it.
+    # Longer than torch's NCCL default (600) because a process may legitimately lag by an evaluation pass
+    timeout_s: float = 1800.0
+
+
+@dataclass
 class PretrainConfig:
     recipe: str = ""
     output_dir: Optional[str] = None  # default: runs/<recipe> (runs/<recipe>-2, ... when that holds a run)
@@ -141,6 +154,7 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -269,6 +283,7 @@ PRETRAIN_RANGES = {
     "train.keep_ckpts": at_least(1),
     "train.eval_every": at_least(0),
     "train.max_bad_steps": at_least(1),
+    "cluster.timeout_s": above(0),
 }
 
 

@@ -44,12 +44,11 @@ from distill.detection.run import CATEGORIES_FILE
 from distill.detection.sync_bn import to_sync_batchnorm
 from distill.detection.visualize import save_prediction_grid
 from distill.engine.checkpoint import (
-    atomic_save,
+    CheckpointWriter,
     atomic_write_text,
     checkpoint_path,
     load_checkpoint,
     load_state_strict,
-    prune_checkpoints,
     resolve_resume,
 )
 from distill.engine.distributed import match_gradient_buckets, share_buffers, start_processes
@@ -57,6 +56,7 @@ from distill.engine.guards import UpdateGuard, weight_checksums
 from distill.engine.run_dir import choose_run_dir
 from distill.engine.logging import make_accelerator, start_trackers
 from distill.engine.optim import build_optimizer, warmup_cosine
+from distill.engine.preemption import STOP, StopAgreement, stop_here, timeouts_named
 from distill.engine.progress import ProgressBar, banner
 from distill.engine.rng import capture_rng, restore_rng, seed_everything, seed_process
 
@@ -68,7 +68,8 @@ GENERATORS = {"det_demo": ensure_det_demo}
 @command("distill.finetune_det")
 def main(argv=None) -> dict:
     cfg = load_det_config(sys.argv[1:] if argv is None else argv)
-    start_processes()
+    start_processes(cfg.cluster.timeout_s)
+    STOP.install(cfg.cluster.stop_signals)
     out = choose_run_dir(cfg.output_dir, Path("runs") / Path(cfg.recipe).stem, cfg.resume, cfg.overwrite)
     cfg.output_dir = str(out)
     accelerator = make_accelerator(cfg.train.precision, cfg.optim.grad_accum, out, cfg.train.trackers)
@@ -137,37 +138,53 @@ def main(argv=None) -> dict:
     else:
         seed_process(cfg.train.seed, rank)  # dropout and denoising noise of this process's own
 
+    def checkpoint():
+        progress.bad_steps, progress.bad_in_row = guard.check(progress.step)
+        save_det_checkpoint(out, accelerator, model, ema, optimizer, scheduler, progress, plan.total_steps, cfg,
+                            writer)
+        return progress.step
+
     # ---- loop -------------------------------------------------------------------------------------
     model.train()
     bar = ProgressBar(plan.total_steps, "rt-detr", initial=progress.step, enabled=accelerator.is_main_process)
-    while progress.step < plan.total_steps:
-        micro_batches = [next(batches) for _ in range(accum)]
-        for batch in micro_batches:
-            progress.note_skipped(batch["skipped"])
-        losses, grad_norm, side = detection_step(parts, micro_batches, cfg, progress.step)
-        progress.step += 1
-        bar.update(progress.step, images=cfg.data.batch_size * accum * world)
+    writer, stop, saved_at = CheckpointWriter(), StopAgreement(cfg.cluster.timeout_s), progress.step
+    with timeouts_named(lambda: progress.step, cfg.cluster.timeout_s):
+        while progress.step < plan.total_steps:
+            micro_batches = [next(batches) for _ in range(accum)]
+            for batch in micro_batches:
+                progress.note_skipped(batch["skipped"])
+            losses, grad_norm, side = detection_step(parts, micro_batches, cfg, progress.step)
+            progress.step += 1
+            bar.update(progress.step, images=cfg.data.batch_size * accum * world)
 
-        if progress.step % cfg.train.log_every == 0 or progress.step == plan.total_steps:
-            progress.bad_steps, progress.bad_in_row = guard.check(progress.step)
-            metrics = {k: accelerator.reduce(v.detach().float(), reduction="mean").item() for k, v in losses.items()}
-            metrics |= {"loss": sum(metrics.values()), "lr": scheduler.get_last_lr()[-1],
-                        "backbone_lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                        "epoch": progress.step / plan.steps_per_epoch, "input_size": side,
-                        "skipped_images": total_skipped(accelerator, progress)}
-            accelerator.log(metrics, step=progress.step)
-            bar.log(loss=metrics["loss"], lr=metrics["lr"])
-        if progress.step % cfg.train.ckpt_every == 0 or progress.step == plan.total_steps:
-            progress.bad_steps, progress.bad_in_row = guard.check(progress.step)
-            save_det_checkpoint(out, accelerator, model, ema, optimizer, scheduler, progress, plan.total_steps, cfg)
-        if cfg.train.eval_every and progress.step % cfg.train.eval_every == 0 and progress.step < plan.total_steps:
-            accelerator.log(evaluate(cfg, accelerator, model, ema, val_set, postprocess, mean, std), step=progress.step)
-            model.train()
-    bar.close()
+            if progress.step % cfg.train.log_every == 0 or progress.step == plan.total_steps:
+                progress.bad_steps, progress.bad_in_row = guard.check(progress.step)
+                metrics = {k: accelerator.reduce(v.detach().float(), reduction="mean").item()
+                           for k, v in losses.items()}
+                metrics |= {"loss": sum(metrics.values()), "lr": scheduler.get_last_lr()[-1],
+                            "backbone_lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                            "epoch": progress.step / plan.steps_per_epoch, "input_size": side,
+                            "skipped_images": total_skipped(accelerator, progress)}
+                accelerator.log(metrics, step=progress.step)
+                bar.log(loss=metrics["loss"], lr=metrics["lr"])
+            if progress.step % cfg.train.ckpt_every == 0 or progress.step == plan.total_steps:
+                saved_at = checkpoint()
+            if cfg.train.eval_every and progress.step % cfg.train.eval_every == 0 and progress.step < plan.total_steps:
+                accelerator.log(evaluate(cfg, accelerator, model, ema, val_set, postprocess, mean, std),
+                                step=progress.step)
+                model.train()
+            if stop.agreed(progress.step):  # a stop signal reached some process: all stop at this step
+                if saved_at != progress.step:
+                    saved_at = checkpoint()
+                stop_here(accelerator, writer, f"at step {progress.step} of {plan.total_steps} ({out})")
+        bar.close()
+        if stop.finish(progress.step):  # the last checkpoint is written; a resumed launch evaluates
+            stop_here(accelerator, writer, f"after the last step, before the evaluation ({out})")
+        writer.wait()
 
-    # ---- evaluate and summarise -------------------------------------------------------------------
-    checksums = weight_checksums(accelerator, model)
-    metrics = evaluate(cfg, accelerator, model, ema, val_set, postprocess, mean, std, out / "predictions.json")
+        # ---- evaluate and summarise ---------------------------------------------------------------
+        checksums = weight_checksums(accelerator, model)
+        metrics = evaluate(cfg, accelerator, model, ema, val_set, postprocess, mean, std, out / "predictions.json")
     accelerator.log(metrics, step=progress.step)
     skipped = total_skipped(accelerator, progress)
     from accelerate.utils import gather_object
@@ -356,8 +373,9 @@ def total_skipped(accelerator, progress: Progress) -> int:
 
 
 def save_det_checkpoint(folder: Path, accelerator, model, ema, optimizer, scheduler, progress: Progress,
-                        total_steps: int, cfg) -> None:
-    """All processes call this; the main one writes. Every process's RNG state and progress go in."""
+                        total_steps: int, cfg, writer: CheckpointWriter) -> None:
+    """All processes call this; the main one hands the checkpoint to `writer` (nobody waits for the disk).
+    Every process's RNG state and progress go in."""
     from accelerate.utils import gather_object
 
     rng = gather_object([capture_rng()])
@@ -374,11 +392,7 @@ def save_det_checkpoint(folder: Path, accelerator, model, ema, optimizer, schedu
             "rng": rng,
             "config": OmegaConf.to_container(cfg, resolve=True),
         }
-        path = checkpoint_path(folder, progress.step)
-        atomic_save(state, path)
-        prune_checkpoints(folder, cfg.train.keep_ckpts, just_written=path)
-        logger.info("checkpoint %s", path)
-    accelerator.wait_for_everyone()
+        writer.submit(state, checkpoint_path(folder, progress.step), cfg.train.keep_ckpts)
 
 
 def load_det_checkpoint(path: Path, accelerator, model, ema, optimizer, scheduler, total_steps: int

@@ -25,12 +25,13 @@ from distill.data.loader import build_eval_loader, build_train_loader
 from distill.data.mix import DataMix
 from distill.data.mixup import mixup_batch
 from distill.data.synthetic import ensure_demo_dataset
-from distill.engine.checkpoint import atomic_write_text, resolve_resume
+from distill.engine.checkpoint import CheckpointWriter, atomic_write_text, resolve_resume
 from distill.engine.distributed import end_processes, match_gradient_buckets, share_buffers, start_processes
 from distill.engine.evaluate import evaluate_topk
 from distill.engine.guards import UpdateGuard, weight_checksums
 from distill.engine.logging import finish_trackers, make_accelerator, start_trackers
 from distill.engine.optim import build_optimizer, warmup_cosine
+from distill.engine.preemption import STOP, Preempted, StopAgreement, stop_agreed, stop_here, timeouts_named
 from distill.engine.ema import build_ema
 from distill.plan import check_stored_views, describe_run, epoch_steps, plan_run, plan_steps, print_plan
 from distill.engine.progress import ProgressBar, banner, describe_mix
@@ -53,9 +54,12 @@ def main(argv=None) -> dict:
         plan = plan_run(cfg, cfg.dry_run)
         return print_plan(plan, describe_run(plan))
     cfg.student.channels_last = auto_on_gpu(cfg.student.channels_last)
-    start_processes()
+    start_processes(cfg.cluster.timeout_s)
+    STOP.install(cfg.cluster.stop_signals)
     summary = train(cfg)
     if cfg.baseline:
+        if stop_agreed(cfg.cluster.timeout_s):  # the distilled run is complete; a resumed launch goes on with the baseline
+            raise Preempted(f"before the baseline run ({cfg.output_dir}/baseline)")
         summary = add_baseline(cfg, summary, train(baseline_config(cfg)))
     print_outcome(cfg, summary)
     end_processes()
@@ -133,38 +137,51 @@ def train(cfg) -> dict:
     else:
         seed_process(cfg.train.seed, rank)  # dropout, drop-path and mixup draws of this process's own
 
+    def checkpoint():
+        progress.bad_steps, progress.bad_in_row = step_parts.guard.check(progress.step)
+        mine.loader = loader.state_dict()
+        if key_log:
+            key_log.flush()
+        save_pretrain_checkpoint(out, accelerator, student, ema, optimizer, scheduler, progress, mine, cfg,
+                                 cfg.train.keep_ckpts, writer)
+        return progress.step
+
     # ---- loop -------------------------------------------------------------------------------------
     student.train()
     bar = ProgressBar(total_steps, "distill", initial=progress.step, enabled=accelerator.is_main_process)
     batches = iter(loader)
-    while progress.step < total_steps:
-        micro_batches = [next(batches) for _ in range(cfg.optim.grad_accum)]
-        tally(mine, micro_batches, mix, key_log)  # host-side bookkeeping of the CPU batches
-        terms, grad_norm = distill_step(step_parts, micro_batches, cfg, progress.step)
-        progress.step += 1
-        progress.samples += global_batch
-        bar.update(progress.step, images=global_batch)
+    writer, stop, saved_at = CheckpointWriter(), StopAgreement(cfg.cluster.timeout_s), progress.step
+    with timeouts_named(lambda: progress.step, cfg.cluster.timeout_s):
+        while progress.step < total_steps:
+            micro_batches = [next(batches) for _ in range(cfg.optim.grad_accum)]
+            tally(mine, micro_batches, mix, key_log)  # host-side bookkeeping of the CPU batches
+            terms, grad_norm = distill_step(step_parts, micro_batches, cfg, progress.step)
+            progress.step += 1
+            progress.samples += global_batch
+            bar.update(progress.step, images=global_batch)
 
-        if progress.step % cfg.train.log_every == 0 or progress.step == total_steps:
-            progress.bad_steps, progress.bad_in_row = step_parts.guard.check(progress.step)
-            metrics = log_metrics(accelerator, mix, terms, grad_norm, scheduler, mine, progress,
-                                  progress.samples / (total_steps * global_batch))
-            bar.log(loss=metrics["loss"], lr=metrics["lr"])
-        if progress.step % cfg.train.ckpt_every == 0 or progress.step == total_steps:
-            progress.bad_steps, progress.bad_in_row = step_parts.guard.check(progress.step)
-            mine.loader = loader.state_dict()
-            if key_log:
-                key_log.flush()
-            save_pretrain_checkpoint(out, accelerator, student, ema, optimizer, scheduler, progress, mine, cfg,
-                                     cfg.train.keep_ckpts)
-        if cfg.train.eval_every and progress.step % cfg.train.eval_every == 0 and progress.step < total_steps:
-            accelerator.log(evaluate(cfg, accelerator, student, student_input, ema, teacher), step=progress.step)
-            student.train()
-    bar.close()
+            if progress.step % cfg.train.log_every == 0 or progress.step == total_steps:
+                progress.bad_steps, progress.bad_in_row = step_parts.guard.check(progress.step)
+                metrics = log_metrics(accelerator, mix, terms, grad_norm, scheduler, mine, progress,
+                                      progress.samples / (total_steps * global_batch))
+                bar.log(loss=metrics["loss"], lr=metrics["lr"])
+            if progress.step % cfg.train.ckpt_every == 0 or progress.step == total_steps:
+                saved_at = checkpoint()
+            if cfg.train.eval_every and progress.step % cfg.train.eval_every == 0 and progress.step < total_steps:
+                accelerator.log(evaluate(cfg, accelerator, student, student_input, ema, teacher), step=progress.step)
+                student.train()
+            if stop.agreed(progress.step):  # a stop signal reached some process: all stop at this step
+                if saved_at != progress.step:
+                    saved_at = checkpoint()
+                stop_here(accelerator, writer, f"at step {progress.step} of {total_steps} ({out})")
+        bar.close()
+        if stop.finish(progress.step):  # the last checkpoint is written; a resumed launch evaluates
+            stop_here(accelerator, writer, f"after the last step, before the evaluation ({out})")
+        writer.wait()
 
-    # ---- evaluate and summarise -------------------------------------------------------------------
-    checksums = weight_checksums(accelerator, student)
-    results = evaluate(cfg, accelerator, student, student_input, ema, teacher)
+        # ---- evaluate and summarise ---------------------------------------------------------------
+        checksums = weight_checksums(accelerator, student)
+        results = evaluate(cfg, accelerator, student, student_input, ema, teacher)
     accelerator.log(results, step=progress.step)
     source_counts = summed(accelerator, mine.source_counts)
     summary = {

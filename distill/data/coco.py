@@ -32,6 +32,7 @@ from torchvision.transforms import v2 as T
 
 from distill.data.det_augment import eval_transform, rtdetr_train_transform
 from distill.data.stream import single_threaded_opencv
+from distill.engine.preemption import ignore_stop_signals
 
 logger = logging.getLogger("distill")
 
@@ -301,7 +302,8 @@ def build_train_loader(dataset: CocoDetection, sampler: DetectionBatchSampler, n
     process's random generators: a resumed run gets the same batches."""
     single_threaded_opencv()
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_detection,
-                      pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(seed))
+                      pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(seed),
+                      worker_init_fn=ignore_stop_signals)
 
 
 def build_eval_loader(dataset: CocoDetection, batch_size: int, num_workers: int, rank: int = 0,
@@ -312,4 +314,5 @@ def build_eval_loader(dataset: CocoDetection, batch_size: int, num_workers: int,
     batches = [[SampleRequest(i, size, False) for i in mine[j:j + batch_size]] for j in range(0, len(mine), batch_size)]
     single_threaded_opencv()
     return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate_detection,
-                      pin_memory=torch.cuda.is_available(), generator=torch.Generator())
+                      pin_memory=torch.cuda.is_available(), generator=torch.Generator(),
+                      worker_init_fn=ignore_stop_signals)

@@ -18,6 +18,7 @@ from distill.data.augment import create_augment
 from distill.data.mix import DataMix
 from distill.data.sampling import eval_share, share_bounds
 from distill.data.shards import SkipCounter, decode_augmented, expand_shards, read_samples, sample_offsets, shard_sizes
+from distill.engine.preemption import ignore_stop_signals
 from distill.data.stream import MixedStream, reader_of, single_threaded_opencv
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ def build_train_loader(mix: DataMix, img_size: int, batch_size: int, num_workers
         return StatefulDataLoader(
             stream, batch_size=batch_size, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
             persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed),
+            worker_init_fn=ignore_stop_signals,
         )
 
 
@@ -91,4 +93,5 @@ def build_eval_loader(shards_spec: Union[str, Sequence[str]], root: Union[str, P
     single_threaded_opencv()
     stream = EvalStream(expand_shards(shards_spec, root), img_size, crop_pct, rank, world_size, with_keys)
     return DataLoader(stream, batch_size=batch_size, num_workers=num_workers,
-                      pin_memory=torch.cuda.is_available(), generator=torch.Generator())
+                      pin_memory=torch.cuda.is_available(), generator=torch.Generator(),
+                      worker_init_fn=ignore_stop_signals)

@@ -20,6 +20,7 @@ from distill.config import (
     SEED,
     SIDE,
     WORKERS,
+    ClusterConfig,
     ConfigError,
     Range,
     above,
@@ -105,6 +106,7 @@ class DetConfig:
     optim: DetOptimConfig = field(default_factory=DetOptimConfig)
     train: DetTrainConfig = field(default_factory=DetTrainConfig)
     eval: DetEvalConfig = field(default_factory=DetEvalConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 DET_CHOICES = {
@@ -159,6 +161,7 @@ DET_RANGES = {
     "train.keep_ckpts": at_least(1),
     "train.eval_every": at_least(0),
     "train.max_bad_steps": at_least(1),
+    "cluster.timeout_s": above(0),
     "eval.num_top": at_least(1, 100_000),
     "eval.visualize": at_least(0, 1000),
     "eval.score_threshold": PROBABILITY,

@@ -9,16 +9,19 @@ so a team can read a shared run folder.
 """
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import re
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 CKPT_PATTERN = re.compile(r"ckpt-(\d+)\.pt$")
+logger = logging.getLogger("distill")
 
 
 class CheckpointMismatch(ValueError):
@@ -53,6 +56,51 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def detached_copy(obj: Any) -> Any:
+    """`obj` with every tensor copied to the CPU: a snapshot that training can go on changing the originals of."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: detached_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(detached_copy(v) for v in obj)
+    return obj
+
+
+class CheckpointWriter:
+    """Writes checkpoints from a thread of the main process, one at a time. The training step goes on once the
+    state is copied to host memory, and the other processes never wait for the disk: at full size a write takes
+    seconds to minutes, while a collective held open for it would count against every process's timeout."""
+
+    def __init__(self):
+        self._thread: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+
+    def submit(self, state: dict, path: Path, keep: int) -> None:
+        self.wait()  # one write in flight: a second copy of the state at most
+        snapshot = detached_copy(state)
+        self._thread = threading.Thread(target=self._write, args=(snapshot, Path(path), keep),
+                                        name="checkpoint-writer")  # not a daemon: the process exits after it
+        self._thread.start()
+
+    def _write(self, state: dict, path: Path, keep: int) -> None:
+        try:
+            atomic_save(state, path)
+            prune_checkpoints(path.parent, keep, just_written=path)
+            logger.info("checkpoint %s", path)
+        except BaseException as e:  # raised in the training thread by the next submit() or wait()
+            self._error = e
+
+    def wait(self) -> None:
+        """Until the write in flight is on disk; its error, if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def checkpoint_path(folder: Path, step: int) -> Path:

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterator
+from datetime import timedelta
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -11,8 +12,9 @@ class LaunchError(RuntimeError):
     """The processes do not form the run they were launched as."""
 
 
-def start_processes():
-    """Accelerate's process state for this launch, the same one every Accelerator of the run reuses.
+def start_processes(timeout_s: Optional[float] = None):
+    """Accelerate's process state for this launch, the same one every Accelerator of the run reuses; its
+    collectives give up after `timeout_s` (the first call of a launch decides).
 
     Launched as several processes (torchrun, accelerate launch) on a machine without CUDA, the processes join
     one gloo group: Accelerate would otherwise start each as a single-process run of its own, N copies that
@@ -20,7 +22,8 @@ def start_processes():
     from accelerate import PartialState
 
     launched = int(os.environ.get("WORLD_SIZE", "1"))
-    state = PartialState(cpu=launched > 1 and not torch.cuda.is_available())
+    timeout = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
+    state = PartialState(cpu=launched > 1 and not torch.cuda.is_available(), **timeout)
     if state.num_processes != launched:
         raise LaunchError(
             f"launched as {launched} processes (WORLD_SIZE) but they formed a run of {state.num_processes}; "

@@ -15,11 +15,10 @@ from typing import Optional
 from omegaconf import OmegaConf
 
 from distill.engine.checkpoint import (
-    atomic_save,
+    CheckpointWriter,
     checkpoint_path,
     load_checkpoint,
     load_state_strict,
-    prune_checkpoints,
 )
 from distill.engine.rng import capture_rng
 
@@ -46,8 +45,9 @@ class ProcessState:
 
 
 def save_pretrain_checkpoint(folder, accelerator, student, ema, optimizer, scheduler, progress: Progress,
-                             mine: ProcessState, cfg, keep: int) -> None:
-    """All processes call this; the main one writes."""
+                             mine: ProcessState, cfg, keep: int, writer: CheckpointWriter) -> None:
+    """All processes call this (their states are gathered); the main one hands the checkpoint to `writer`, and
+    nobody waits for the disk."""
     from accelerate.utils import gather_object
 
     mine.rng = capture_rng()
@@ -63,11 +63,7 @@ def save_pretrain_checkpoint(folder, accelerator, student, ema, optimizer, sched
             "processes": processes,
             "config": OmegaConf.to_container(cfg, resolve=True),
         }
-        path = checkpoint_path(folder, progress.step)
-        atomic_save(state, path)
-        prune_checkpoints(folder, keep, just_written=path)
-        logger.info("checkpoint %s", path)
-    accelerator.wait_for_everyone()
+        writer.submit(state, checkpoint_path(folder, progress.step), keep)
 
 
 def load_pretrain_checkpoint(path: Path, accelerator, student, ema, optimizer, scheduler, loader_shape: list[int]

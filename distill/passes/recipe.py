@@ -16,6 +16,7 @@ from distill.config import (
     SEED,
     SIDE,
     WORKERS,
+    ClusterConfig,
     ConfigError,
     Range,
     above,
@@ -87,6 +88,7 @@ class CurateConfig:
     checkpoint_every: int = 20  # units (shards / folder chunks) between progress checkpoints
     seed: int = 0  # order of the fill copies
     dry_run: Optional[int] = None  # N: print the pass's plan as if on N processes and exit, reading no images
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 CURATE_CHOICES = {
@@ -124,6 +126,7 @@ CURATE_RANGES = {
     "num_workers": WORKERS,
     "checkpoint_every": at_least(1),
     "seed": SEED,
+    "cluster.timeout_s": above(0),
 }
 
 
@@ -172,6 +175,7 @@ class LabelConfig:
     # Images of each source, for a dry run where the source's shards (and manifest) are not at hand
     source_images: dict[str, int] = field(default_factory=dict)
     dry_run: Optional[int] = None  # N: print the pass's plan as if on N processes and exit, reading no images
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 LABEL_CHOICES = {"precision": ("auto", "no", "bf16", "fp16"), "generate": (None, "demo"),
@@ -188,6 +192,7 @@ LABEL_RANGES = {
     "batch_size": BATCH,
     "num_workers": WORKERS,
     "seed": SEED,
+    "cluster.timeout_s": above(0),
 }
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from distill.engine.preemption import ignore_stop_signals
 from distill.passes.units import Unit
 
 Render = Callable[[Unit], Iterator[dict]]
@@ -40,7 +41,7 @@ def scan_units(units: Sequence[Unit], render: Render, num_workers: int, pin_memo
         return iter(())
     loader = DataLoader(
         UnitBatches(units, render), batch_size=None, num_workers=min(num_workers, len(units)),
-        pin_memory=pin_memory, persistent_workers=False,
+        pin_memory=pin_memory, persistent_workers=False, worker_init_fn=ignore_stop_signals,
     )
     return iter(loader)
 
