@@ -40,7 +40,7 @@ from distill.data.mix import MixError
 from distill.detection.recipe import DET_CHOICES, DET_RANGES, DetConfig, load_det_config
 from distill.engine.checkpoint import CheckpointMismatch
 from distill.engine.distributed import LaunchError
-from distill.engine.preemption import EXIT_REQUEUE, CollectiveTimeout, Preempted
+from distill.engine.preemption import EXIT_REQUEUE, STOP, CollectiveTimeout, Preempted
 from distill.errors import ConfigError, MissingExtra, require
 from distill.errors import NonFiniteLoss
 from distill.passes.recipe import (
@@ -123,7 +123,10 @@ def command(module: str, requires: Optional[Mapping[str, tuple[str, str]]] = Non
                 check_recipe_belongs(entry, argv)
                 for name, (extra, needed_for) in (requires or {}).items():
                     require(name, extra, needed_for)
-                return main(argv, *args, **kwargs)
+                try:
+                    return main(argv, *args, **kwargs)
+                finally:
+                    STOP.uninstall()
 
         return wrapper
 

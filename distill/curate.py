@@ -29,7 +29,9 @@ from distill.config import save_config
 from distill.data.mix import DataMix
 from distill.data.shards import read_manifest
 from distill.data.synthetic import ensure_demo_dataset
+from distill.engine.distributed import start_processes
 from distill.engine.logging import make_accelerator
+from distill.engine.preemption import STOP, Preempted, stop_agreed
 from distill.engine.progress import banner
 from distill.plan import print_plan
 from distill.passes import curation_state as state
@@ -56,6 +58,8 @@ def main(argv=None, scorer=None) -> dict:
         plan = plan_curation(cfg, cfg.dry_run)
         return print_plan(plan, describe_curation(plan))
     out = Path(cfg.output_dir)
+    start_processes(cfg.cluster.timeout_s)
+    STOP.install(cfg.cluster.stop_signals)
     accelerator = make_accelerator(cfg.precision, 1, out, trackers=[])
     rank, world = accelerator.process_index, accelerator.num_processes
     if accelerator.is_main_process:
@@ -84,6 +88,8 @@ def main(argv=None, scorer=None) -> dict:
     scored = score_units(rank_share(units, rank, world), render, scorer, progress, accelerator,
                          state.progress_path(out, rank, world), cfg.checkpoint_every, cfg.num_workers)
     scored = sum(gather_object([scored]))
+    if stop_agreed(cfg.cluster.timeout_s):  # scored units are saved: a resumed launch scores the rest
+        raise Preempted(f"in the scoring pass, after {scored} images ({out})", "finished units are kept: the same command continues")
 
     # ---- merge and plan the writing (main), then pass 2: write --------------------------------------
     plan_dir = out / ".progress" / "write"
@@ -102,7 +108,8 @@ def main(argv=None, scorer=None) -> dict:
     accelerator.wait_for_everyone()
     parts = out / ".parts"
     write_kept(plan_dir, units, rank, parts, cfg.maxcount, cfg.quality)
-    accelerator.wait_for_everyone()
+    if stop_agreed(cfg.cluster.timeout_s):  # complete shards are kept: a resumed launch writes the rest
+        raise Preempted(f"in the write pass ({out})", "complete shards are kept: the same command continues")
     write_fill(plan_dir, rank, world, parts, cfg.maxcount)
     accelerator.wait_for_everyone()
 

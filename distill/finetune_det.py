@@ -148,9 +148,10 @@ def main(argv=None) -> dict:
     model.train()
     bar = ProgressBar(plan.total_steps, "rt-detr", initial=progress.step, enabled=accelerator.is_main_process)
     writer, stop, saved_at = CheckpointWriter(), StopAgreement(cfg.cluster.timeout_s), progress.step
-    with timeouts_named(lambda: progress.step, cfg.cluster.timeout_s):
+    with timeouts_named(lambda: progress.step + 1, cfg.cluster.timeout_s):
         while progress.step < plan.total_steps:
             micro_batches = [next(batches) for _ in range(accum)]
+            stop.ready(progress.step + 1)
             for batch in micro_batches:
                 progress.note_skipped(batch["skipped"])
             losses, grad_norm, side = detection_step(parts, micro_batches, cfg, progress.step)
@@ -180,7 +181,6 @@ def main(argv=None) -> dict:
         bar.close()
         if stop.finish(progress.step):  # the last checkpoint is written; a resumed launch evaluates
             stop_here(accelerator, writer, f"after the last step, before the evaluation ({out})")
-        writer.wait()
 
         # ---- evaluate and summarise ---------------------------------------------------------------
         checksums = weight_checksums(accelerator, model)
@@ -212,6 +212,7 @@ def main(argv=None) -> dict:
             draw_predictions(cfg, accelerator, ema.module if cfg.eval.use_ema else model, val_set, postprocess,
                              mean, std, out / "predictions.png")
         logger.info("summary: %s", json.dumps({k: summary[k] for k in ("steps", "AP", "AP50", "AP75", "wall_time_s")}))
+    writer.wait()  # the last checkpoint, written while the run was evaluated
     accelerator.end_training()
     return summary
 

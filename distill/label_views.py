@@ -29,7 +29,9 @@ from distill.config import ConfigError, save_config
 from distill.data.mix import DataMix
 from distill.data.synthetic import ensure_demo_dataset
 from distill.engine.checkpoint import atomic_write_text
+from distill.engine.distributed import start_processes
 from distill.engine.logging import make_accelerator
+from distill.engine.preemption import STOP, Preempted, stop_agreed
 from distill.engine.progress import banner, describe_mix
 from distill.plan import print_plan
 from distill.passes.fingerprint import fingerprint
@@ -64,6 +66,8 @@ def main(argv=None, teacher=None) -> dict:
         plan = plan_labelling(cfg, cfg.dry_run)
         return print_plan(plan, describe_labelling(plan))
     out = Path(cfg.output_dir)
+    start_processes(cfg.cluster.timeout_s)
+    STOP.install(cfg.cluster.stop_signals)
     accelerator = make_accelerator(cfg.precision, 1, out, trackers=[])
     rank, world = accelerator.process_index, accelerator.num_processes
     if accelerator.is_main_process and cfg.generate == "demo":
@@ -93,6 +97,8 @@ def main(argv=None, teacher=None) -> dict:
     work = label_units(todo, render, teacher, accelerator, out, LabelRecords(out, rank), cfg.view.topk,
                        cfg.teacher.num_classes, cfg.num_workers, cfg.view.meta, cfg.view.targets)
     work = gather_object([work])  # also waits for every process
+    if stop_agreed(cfg.cluster.timeout_s):  # finished units are recorded: a resumed launch labels the rest
+        raise Preempted(f"after {sum(w['views'] for w in work)} views ({out})", "finished units are kept: the same command continues")
 
     summary = {}
     if accelerator.is_main_process:

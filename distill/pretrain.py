@@ -56,17 +56,19 @@ def main(argv=None) -> dict:
     cfg.student.channels_last = auto_on_gpu(cfg.student.channels_last)
     start_processes(cfg.cluster.timeout_s)
     STOP.install(cfg.cluster.stop_signals)
-    summary = train(cfg)
+    writer = CheckpointWriter()  # the launch's: its runs go on while their checkpoints are written
+    summary = train(cfg, writer)
     if cfg.baseline:
         if stop_agreed(cfg.cluster.timeout_s):  # the distilled run is complete; a resumed launch goes on with the baseline
             raise Preempted(f"before the baseline run ({cfg.output_dir}/baseline)")
-        summary = add_baseline(cfg, summary, train(baseline_config(cfg)))
+        summary = add_baseline(cfg, summary, train(baseline_config(cfg), writer))
+    writer.wait()
     print_outcome(cfg, summary)
     end_processes()
     return summary
 
 
-def train(cfg) -> dict:
+def train(cfg, writer: CheckpointWriter) -> dict:
     """One run into its folder (chosen here, and written back to `cfg.output_dir`): build, loop, evaluate."""
     out = choose_run_dir(cfg.output_dir, Path("runs") / Path(cfg.recipe).stem, cfg.resume, cfg.overwrite)
     cfg.output_dir = str(out)
@@ -150,10 +152,11 @@ def train(cfg) -> dict:
     student.train()
     bar = ProgressBar(total_steps, "distill", initial=progress.step, enabled=accelerator.is_main_process)
     batches = iter(loader)
-    writer, stop, saved_at = CheckpointWriter(), StopAgreement(cfg.cluster.timeout_s), progress.step
-    with timeouts_named(lambda: progress.step, cfg.cluster.timeout_s):
+    stop, saved_at = StopAgreement(cfg.cluster.timeout_s), progress.step
+    with timeouts_named(lambda: progress.step + 1, cfg.cluster.timeout_s):
         while progress.step < total_steps:
             micro_batches = [next(batches) for _ in range(cfg.optim.grad_accum)]
+            stop.ready(progress.step + 1)
             tally(mine, micro_batches, mix, key_log)  # host-side bookkeeping of the CPU batches
             terms, grad_norm = distill_step(step_parts, micro_batches, cfg, progress.step)
             progress.step += 1
@@ -177,7 +180,6 @@ def train(cfg) -> dict:
         bar.close()
         if stop.finish(progress.step):  # the last checkpoint is written; a resumed launch evaluates
             stop_here(accelerator, writer, f"after the last step, before the evaluation ({out})")
-        writer.wait()
 
         # ---- evaluate and summarise ---------------------------------------------------------------
         checksums = weight_checksums(accelerator, student)

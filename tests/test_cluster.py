@@ -9,6 +9,7 @@ sample once.
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -125,3 +126,37 @@ def test_killed_twice_and_resumed_ends_bitwise_equal(cluster, reference, tmp_pat
     sa, sb = (json.loads((run / "summary.json").read_text()) for run in (reference, out))
     assert sa["source_counts"] == sb["source_counts"] and sa["skipped_samples"] == sb["skipped_samples"]
     assert sa["student_top1"] == sb["student_top1"]
+
+
+FAULTY = str(Path(__file__).resolve().parent / "faulty_pretrain.py")
+
+
+def faulty_launch(cluster, out: Path, faults: dict, *args: str):
+    """Three processes of the cluster's run with the faults of tests/faulty_pretrain.py and a 4 s timeout."""
+    os.environ.update(faults)
+    try:
+        return torchrun(FAULTY, 3, out, f"recipe={cluster / 'base.yaml'}", "cluster.timeout_s=4", *args)
+    finally:
+        for key in faults:
+            del os.environ[key]
+
+
+def test_a_slow_checkpoint_write_holds_no_other_process(cluster, tmp_path):
+    """The main process takes 6 s to write each checkpoint, beyond the 4 s the others may wait in a collective:
+    the run goes on while the step-6 file is written (every step sleeps 1.5 s: 6 steps > 6 s), and evaluates while
+    the last one is."""
+    out = tmp_path / "slow"
+    finish(faulty_launch(cluster, out, {"SLOW_CHECKPOINT_S": "6", "STEP_SLEEP_S": "1.5"}, "train.ckpt_every=6"), out)
+    assert json.loads((out / "summary.json").read_text())["steps"] == STEPS == 12
+    assert [p.name for p in list_checkpoints(out)] == ["ckpt-00000006.pt", "ckpt-00000012.pt"]
+
+
+def test_a_process_that_never_arrives_is_named_within_the_timeout(cluster, tmp_path):
+    out = tmp_path / "absent"
+    launch = faulty_launch(cluster, out, {"ABSENT_RANK": "2", "ABSENT_BATCH": "4"})  # 2 micro-batches a step
+    assert launch.wait(timeout=300) != 0
+    errors = [line for line in Path(f"{out}.log").read_text().splitlines() if line.startswith("error: ")]
+    assert errors, Path(f"{out}.log").read_text()[-3000:]
+    for line in errors:  # process 2 has the data of steps 1 and 2 only
+        assert "step 3" in line and "cluster.timeout_s=4" in line, line
+        assert "never arrived at step 3: process 2 (last ready for step 2)" in line, line

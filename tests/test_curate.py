@@ -6,7 +6,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import random
+import signal
 import tarfile
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -20,6 +22,7 @@ from accelerate import Accelerator
 from distill import curate
 from distill.data.shards import read_manifest
 from distill.data.synthetic import generate_classification
+from distill.engine.preemption import EXIT_REQUEUE
 from distill.passes.curation_state import CurationProgress, ScoreStats, merged
 from distill.passes.scoring import EvalRender, score_units
 from distill.passes.selection import plan_selection
@@ -35,13 +38,15 @@ class ColourScorer:
 
     W = torch.tensor([[1.0, -1, -1], [-1, 1, -1], [-1, -1, 1], [1, 1, -1], [-3, -3, -3]])
 
-    def __init__(self, fail_after_calls: int | None = None):
-        self.calls, self.images, self.fail_after_calls = 0, 0, fail_after_calls
+    def __init__(self, fail_after_calls: int | None = None, signal_at_call: int | None = None):
+        self.calls, self.images, self.fail_after_calls, self.signal_at_call = 0, 0, fail_after_calls, signal_at_call
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         if self.fail_after_calls is not None and self.calls > self.fail_after_calls:
-            raise KeyboardInterrupt("interrupted by the test")
+            raise KeyboardInterrupt("interrupted by the test")  # a crash
+        if self.calls == self.signal_at_call:
+            os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's stop
         self.images += len(x)
         feats = x.mean((2, 3)) - x.mean((1, 2, 3))[:, None]
         return 4 * feats @ self.W.T
@@ -240,9 +245,14 @@ def test_resume_does_not_rescore_finished_shards(world, reference, tmp_path, cur
         run(world, str(out), scorer=first)
     saved = CurationProgress.load(next((out / ".progress").glob("score-rank*.pt")))
     assert saved.done == {0, 1} and saved.stats.scored == 40  # the partly scored shard is not in it
+    stopped = ColourScorer(signal_at_call=2)  # SIGTERM in the middle of a shard: that shard is finished first
+    with pytest.raises(SystemExit) as exit_status:
+        run(world, str(out), scorer=stopped)
+    assert exit_status.value.code == EXIT_REQUEUE and stopped.images == 20
+    assert CurationProgress.load(next((out / ".progress").glob("score-rank*.pt"))).stats.scored == 60
     second = ColourScorer()
     summary = run(world, str(out), scorer=second)
-    assert second.images == len(reference) - 40  # finished shards were not scored again
+    assert second.images == len(reference) - 60  # finished shards were not scored again
     assert summary["resumed"] and summary["scored"] == len(reference)
     assert sorted(k for k, _, _ in output_samples(out)) == sorted(k for k, _, _ in output_samples(curated[0]))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -21,6 +22,7 @@ from distill.data.loader import build_train_loader
 from distill.data.mix import DataMix
 from distill.data.shards import decode_sample
 from distill.data.synthetic import generate_classification
+from distill.engine.preemption import EXIT_REQUEUE
 from distill.models.teacher import create_teacher
 from distill.passes.offline_mix import offline_mix
 from distill.passes.soft_labels import decode_record
@@ -224,13 +226,19 @@ def test_views_at_another_side_than_the_student_are_refused(labelled, world):
 
 
 class CountingTeacher:
-    def __init__(self, teacher, fail_after_calls=None):
-        self.teacher, self.fail_after_calls, self.calls, self.images = teacher, fail_after_calls, 0, 0
+    """Counts the images it labels; raises at a call after `fail_after_calls` (a crash), or sends this process
+    SIGTERM at call `signal_at_call` (a scheduler's stop)."""
+
+    def __init__(self, teacher, fail_after_calls=None, signal_at_call=None):
+        self.teacher, self.fail_after_calls, self.signal_at_call = teacher, fail_after_calls, signal_at_call
+        self.calls = self.images = 0
 
     def __call__(self, x):
         self.calls += 1
         if self.fail_after_calls is not None and self.calls > self.fail_after_calls:
             raise KeyboardInterrupt("interrupted by the test")
+        if self.calls == self.signal_at_call:
+            os.kill(os.getpid(), signal.SIGTERM)
         self.images += len(x)
         return self.teacher(x)
 
@@ -244,9 +252,14 @@ def test_interrupted_labelling_resumes_without_relabelling(labelled, world):
     with pytest.raises(KeyboardInterrupt):
         label_views.main(args, teacher=first)
     assert len(list((world / "resumed" / "strong").glob("*.tar"))) == 2  # the unit in flight left no file
+    stopped = CountingTeacher(teacher, signal_at_call=2)  # SIGTERM in the first unit of this launch: it is finished
+    with pytest.raises(SystemExit) as exit_status:
+        label_views.main(args, teacher=stopped)
+    assert exit_status.value.code == EXIT_REQUEUE and stopped.images == 60
+    assert len(list((world / "resumed" / "strong").glob("*.tar"))) == 3
     second = CountingTeacher(teacher)
     summary = label_views.main(args, teacher=second)
-    assert second.images == (12 - 2) * 60  # only the units not finished before
+    assert second.images == (12 - 3) * 60  # only the units not finished before
     assert summary["sources"]["strong"]["views"] == 720
     more = CountingTeacher(teacher)
     label_views.main(args[:-3] + ["view.replicas=2", "num_workers=0", "batch_size=20"], teacher=more)

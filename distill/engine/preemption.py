@@ -9,8 +9,9 @@ otherwise ignored, so a second Ctrl-C or the launcher's forwarded SIGTERM cannot
 
 The agreement is one all-reduce (MAX of "a signal arrived here") per step on a gloo group of its own, started at
 one boundary and read at the next: the host never waits for the device or for slower processes' latest step, and
-a stop seen on one process stops all of them one step later. Each boundary also leaves this process's step in
-the launch's key-value store, so a collective that times out names the processes that fell behind.
+a stop seen on one process stops all of them one step later. Before each step's collectives a process also
+leaves the step's number in the launch's key-value store, so a collective that times out names the processes
+that never arrived.
 """
 from __future__ import annotations
 
@@ -31,13 +32,14 @@ logger = logging.getLogger("distill")
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped early with a checkpoint, run it again with resume=auto
 STOP_KEY = "distill/stop"
 HEARTBEAT_KEY = "distill/step/{rank}"
+WRITTEN_KEY = "distill/stop-checkpoint-written"
 
 
 class Preempted(Exception):
     """Raised on every process once the run is checkpointed at the agreed stop; exits with EXIT_REQUEUE."""
 
-    def __init__(self, where: str):
-        super().__init__(f"stopped on a signal {where}; its checkpoint is written: continue with resume=auto")
+    def __init__(self, where: str, then: str = "its checkpoint is written: continue with resume=auto"):
+        super().__init__(f"stopped on a signal {where}; {then}")
 
 
 class CollectiveTimeout(RuntimeError):
@@ -59,6 +61,7 @@ class StopSignals:
 
     def install(self, names: Sequence[str]) -> "StopSignals":
         signums = [parse_signal(name) for name in names]
+        self.received, self.count = None, 0
         if threading_main():
             for signum in signums:
                 if signum not in self._previous:
@@ -70,12 +73,13 @@ class StopSignals:
         name = signal.Signals(signum).name
         if self.received is None:
             self.received = name
-            message = f"{name} received: stopping at the next step boundary with a checkpoint\n"
+            message = f"{name} received: stopping at the next step (or unit) boundary with a checkpoint\n"
         else:
             message = f"{name} received again ({self.count} signals): still stopping, the checkpoint is not cut short\n"
         os.write(sys.stderr.fileno(), message.encode())  # no logging inside a signal handler (its locks)
 
     def uninstall(self) -> None:
+        """The handlers as they were (an entry point called from Python leaves its caller's signals alone)."""
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
@@ -132,7 +136,8 @@ def launch_store():
 
 class StopAgreement:
     """`agreed(step)` is True on every process at the same step boundary once any process received a stop
-    signal: the all-reduce started at one boundary is read at the next (by then long complete)."""
+    signal: the all-reduce started at one boundary is read at the next (by then long complete). `ready(step)`
+    says this process has its data for `step` and goes into its collectives."""
 
     def __init__(self, timeout_s: float, signals: StopSignals = STOP):
         self.signals, self.timeout_s = signals, timeout_s
@@ -141,9 +146,11 @@ class StopAgreement:
         self.rank = dist.get_rank() if self.group is not None else 0
         self._pending = None
 
-    def agreed(self, step: int) -> bool:
+    def ready(self, step: int) -> None:
         if self.store is not None:
             self.store.set(HEARTBEAT_KEY.format(rank=self.rank), str(step))
+
+    def agreed(self, step: int) -> bool:
         if self.group is None:
             return self.signals.received is not None
         decided = self._collect(step)
@@ -178,7 +185,8 @@ def stop_agreed(timeout_s: float) -> bool:
 
 class UnitStop:
     """For passes whose processes do different numbers of units (labelling, scoring): a process that received a
-    signal publishes it in the launch's store, and every process stops after the unit it is writing."""
+    signal publishes it in the launch's store (a new one for each launch), and every process stops after the unit
+    it is on. The pass then calls `stop_agreed`, which every process reaches."""
 
     def __init__(self, signals: StopSignals = STOP):
         self.signals, self.store, self._published = signals, launch_store(), False
@@ -191,16 +199,18 @@ class UnitStop:
             return True
         return self.store is not None and self.store.check([STOP_KEY])
 
-    def clear(self) -> None:
-        """At the start of a pass (main process, before the others look): a stop of an earlier launch is over."""
-        if self.store is not None:
-            self.store.delete_key(STOP_KEY)
-
 
 def stop_here(accelerator, writer, where: str):
-    """Every process, at the agreed stop once its checkpoint is handed to `writer`: wait for the file, then go."""
-    writer.wait()
-    accelerator.wait_for_everyone()
+    """Every process, at the agreed stop once its checkpoint is handed to `writer`: the main process waits for the
+    file, the others for its word in the store (no collective, whose timeout the write could outlast); then all
+    go. None may go first: srun ends a job step's other processes when one exits with a non-zero status."""
+    store = launch_store()
+    if accelerator.is_main_process:
+        writer.wait()
+        if store is not None:
+            store.set(WRITTEN_KEY, where)
+    elif store is not None:
+        store.wait([WRITTEN_KEY])
     raise Preempted(where)
 
 
@@ -222,9 +232,10 @@ def behind(step: int) -> str:
     top = max(known) if known else step
     late = {r: s for r, s in steps.items() if s is None or s < top}
     if not late:
-        return f"; every process reported step {top}"
-    named = ", ".join(f"process {r} at {'no step yet' if s is None else f'step {s}'}" for r, s in sorted(late.items()))
-    return f"; behind the others (at step {top}): {named}"
+        return f"; every process had reached step {top}"
+    named = ", ".join(f"process {r} ({'no step yet' if s is None else f'last ready for step {s}'})"
+                      for r, s in sorted(late.items()))
+    return f"; never arrived at step {top}: {named}"
 
 
 class timeouts_named:

@@ -9,6 +9,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from distill.engine.preemption import UnitStop
 from distill.passes.scan import scan_units
 from distill.passes.soft_labels import encode_views
 from distill.passes.view_writer import LabelRecords, UnitFile
@@ -30,13 +31,15 @@ def label_units(units: Sequence[ViewUnit], render: ViewRender, teacher, accelera
                 records: LabelRecords, topk: int, num_classes: int, num_workers: int, meta: bool = False,
                 targets: str = "full") -> dict:
     """Write every unit in `units`, each view with the teacher's full distribution or its `topk` (`targets`);
-    returns {"views", "seconds", "bytes"} of this process's work."""
+    returns {"views", "seconds", "bytes"} of this process's work. On a stop signal (see `UnitStop`) it returns
+    after the next finished unit; units begun and not finished leave nothing behind."""
     by_index = {u.index: u for u in units}
     open_files: dict[int, UnitFile] = {}
     skipped: dict[int, int] = {}
     views, written_bytes, start = 0, 0, time.perf_counter()
     bar = tqdm(total=len(units), desc=f"label[{accelerator.process_index}]", unit="shard",
                disable=not accelerator.is_local_main_process)
+    stop = UnitStop()
     for batch in scan_units(units, render, num_workers, pin_memory=torch.cuda.is_available()):
         unit = by_index[int(batch["unit"])]
         out = open_files.get(unit.index) or open_files.setdefault(
@@ -62,5 +65,9 @@ def label_units(units: Sequence[ViewUnit], render: ViewRender, teacher, accelera
                             "views": out.views, "skipped": skipped.pop(unit.index), "bytes": size,
                             "class_counts": {str(c): n for c, n in sorted(out.class_counts.items())}})
             bar.update(1)
+            if stop.requested():
+                break
+    for unfinished in open_files.values():
+        unfinished.discard()
     bar.close()
     return {"views": views, "seconds": time.perf_counter() - start, "bytes": written_bytes}

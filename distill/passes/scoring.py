@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from distill.data.augment import create_augment
 from distill.data.shards import CorruptSampleError
+from distill.engine.preemption import UnitStop
 from distill.passes.curation_state import CurationProgress, UnitScores
 from distill.passes.scan import Batcher, scan_units
 from distill.passes.units import Unit, decode_image, iter_unit
@@ -61,7 +62,7 @@ def score_units(units: Sequence[Unit], render: EvalRender, scorer, progress: Cur
     if len(todo) < len(units):
         logger.info("resuming: %d of this process's %d units already scored", len(units) - len(todo), len(units))
     in_flight: dict[int, UnitScores] = {}
-    scored, since_save = 0, 0
+    scored, since_save, stop = 0, 0, UnitStop()
     bar = tqdm(total=len(todo), desc=f"score[{accelerator.process_index}]", unit="shard",
                disable=not accelerator.is_local_main_process)
     for batch in scan_units(todo, render, num_workers, pin_memory=torch.cuda.is_available()):
@@ -81,6 +82,8 @@ def score_units(units: Sequence[Unit], render: EvalRender, scorer, progress: Cur
             if since_save >= every:
                 progress.save(save_to)
                 since_save = 0
+            if stop.requested():  # units scored so far are saved below; the rest wait for a resumed launch
+                break
     bar.close()
     progress.save(save_to)
     return scored

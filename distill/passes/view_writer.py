@@ -44,6 +44,11 @@ class UnitFile:
         os.replace(self.tmp, self.final)
         return self.final.stat().st_size
 
+    def discard(self) -> None:
+        """A unit left unfinished (the pass stopped early): nothing of it stays."""
+        self._stream.close()
+        self.tmp.unlink(missing_ok=True)
+
 
 class LabelRecords:
     """`.progress/label-rank<r>.jsonl` under the output folder: one JSON line per finished unit."""
