@@ -21,7 +21,12 @@ DEFAULT_WEIGHTS = {"vfl": 1.0, "bbox": 5.0, "giou": 2.0}
 
 
 def average_box_count(targets: list[dict], device: torch.device) -> torch.Tensor:
-    count = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
+    return average_count(sum(len(t["labels"]) for t in targets), device)
+
+
+def average_count(count: int, device: torch.device) -> torch.Tensor:
+    """A per-process count averaged over processes, at least 1: the normaliser of a loss."""
+    count = torch.tensor(float(count), device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(count)
         count = count / dist.get_world_size()
@@ -75,12 +80,16 @@ class RTDETRCriterion(nn.Module):
             losses.update(self.single(output, targets, indices, num_boxes, suffix))
         if "dn_outputs" in outputs:
             meta = outputs["dn_meta"]
-            counts = [len(t["labels"]) for t in targets]
-            # positives are laid out group by group, each group in target order
-            indices = [(idx, torch.arange(n).repeat(meta["groups"])) for idx, n in zip(meta["positive_idx"], counts)]
+            indices = denoising_indices(meta, targets)
             for i, output in enumerate(outputs["dn_outputs"]):
                 losses.update(self.single(output, targets, indices, num_boxes * meta["groups"], f"_dn_{i}"))
         return losses
+
+
+def denoising_indices(meta: dict, targets: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The (query, target) pairs of the denoising positives: laid out group by group, in target order."""
+    counts = [len(t["labels"]) for t in targets]
+    return [(idx, torch.arange(n).repeat(meta["groups"])) for idx, n in zip(meta["positive_idx"], counts)]
 
 
 def _matched_outputs(outputs: dict):
