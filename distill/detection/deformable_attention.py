@@ -3,7 +3,8 @@ extension, exports to ONNX).
 
 Each query looks at `num_points` locations per level and head around its reference box: the sampling
 offsets are scaled by the box's width and height (v2: offset / num_points * box_wh * 0.5), and the sampled
-values are mixed with weights softmaxed jointly over all levels and points of a head.
+values are mixed with weights softmaxed jointly over all levels and points of a head. `DeformableSampling` is
+D-FINE's variant: no value / output projections, a point count per level.
 """
 from __future__ import annotations
 

@@ -126,24 +126,26 @@ def _pair(size: Optional[int | Sequence[int]]) -> Optional[tuple[int, int]]:
     return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
-def check_head(cfg: RTDETRConfig) -> None:
-    """The head settings the reference implementations support; a ValueError naming the keys otherwise."""
+def check_head(cfg, prefix: str = "") -> None:
+    """The head settings the reference implementations support; a ValueError naming the keys (with `prefix`,
+    e.g. "model.") otherwise. `cfg`: an `RTDETRConfig` or anything with its attributes (a recipe's model)."""
+    head, points = f"{prefix}head", f"{prefix}num_points_per_level"
     if cfg.head not in HEADS:
-        raise ValueError(f"head={cfg.head!r} is not one of {', '.join(HEADS)}")
+        raise ValueError(f"{head}={cfg.head!r} is not one of {', '.join(HEADS)}")
     if cfg.head == "rtdetrv2" and cfg.num_points_per_level is not None:
-        raise ValueError("num_points_per_level is a D-FINE setting: use head=dfine, or num_points for rtdetrv2")
+        raise ValueError(f"{points} is a D-FINE setting: set {head}=dfine, or {prefix}num_points for rtdetrv2")
     if cfg.head != "dfine":
         return
     if cfg.num_points_per_level is not None and len(cfg.num_points_per_level) != len(cfg.out_strides):
-        raise ValueError(f"num_points_per_level={list(cfg.num_points_per_level)} needs one entry per level of "
-                         f"out_strides={list(cfg.out_strides)}")
+        raise ValueError(f"{points}={list(cfg.num_points_per_level)} needs one entry per level of "
+                         f"{prefix}out_strides={list(cfg.out_strides)}")
     if cfg.reg_max < 4 or cfg.reg_max % 2:
-        raise ValueError(f"head=dfine needs an even reg_max of at least 4 (D-FINE: 32), got reg_max={cfg.reg_max}")
+        raise ValueError(f"{head}=dfine needs an even {prefix}reg_max of at least 4 (D-FINE: 32), got {cfg.reg_max}")
     if cfg.reg_scale <= 0:
-        raise ValueError(f"head=dfine needs reg_scale > 0 (D-FINE: 4), got reg_scale={cfg.reg_scale}")
+        raise ValueError(f"{head}=dfine needs {prefix}reg_scale > 0 (D-FINE: 4), got {cfg.reg_scale}")
     if cfg.init_from:
-        raise ValueError("init_from loads RT-DETRv2 weights, which do not fit head=dfine: leave init_from unset "
-                         "with head=dfine")
+        raise ValueError(f"{prefix}init_from loads RT-DETRv2 weights, which do not fit {head}=dfine: leave "
+                         f"{prefix}init_from unset with {head}=dfine")
 
 
 def build_rtdetr(cfg: RTDETRConfig) -> RTDETR:
