@@ -145,3 +145,12 @@ def test_fine_tuning_with_the_dfine_head_runs_end_to_end(tmp_path):
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     trained = [m for m in logged if "loss_fgl" in m]
     assert len(trained) == 3 and all(m["loss_ddf_aux_0"] >= 0 for m in trained)
+
+    # the run reads back as a D-FINE detector, also in its deploy form with fixed anchors (export, predict)
+    from distill.detection.run import load_detector
+
+    loaded = load_detector(run, img_size=0, deploy=True)
+    assert isinstance(loaded.model.decoder, DFineDecoder) and loaded.model.decoder.eval_shapes == [(12, 12), (6, 6), (3, 3)]
+    with torch.no_grad():
+        outputs = loaded.model(torch.randn(1, 3, 96, 96))
+    assert outputs["pred_logits"].shape == (1, 20, 3) and torch.isfinite(outputs["pred_boxes"]).all()
