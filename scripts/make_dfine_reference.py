@@ -1,13 +1,14 @@
-"""Write tests/data/dfine_reference.pt: what the official D-FINE decoder and criterion compute on fixed
-inputs, so that tests/test_det_dfine_fidelity.py can check this project's D-FINE head against it without
-the official code.
+"""Write tests/data/dfine_reference.pt: what the official D-FINE decoder and criterion (and DEIM's criterion,
+for its matchability-aware loss) compute on fixed inputs, so that tests/test_det_dfine_fidelity.py can check
+this project's D-FINE head against them without the official code.
 
     git clone https://github.com/Peterande/D-FINE /tmp/D-FINE     # the fixture was made at 4a1f73a8
-    python scripts/make_dfine_reference.py /tmp/D-FINE [--out tests/data/dfine_reference.pt]
+    git clone https://github.com/ShihuaHuang95/DEIM /tmp/DEIM     # and at a9aa4adc
+    python scripts/make_dfine_reference.py /tmp/D-FINE /tmp/DEIM [--out tests/data/dfine_reference.pt]
 
-Not run in CI. It imports the official `src/zoo/dfine` modules directly (its registry and distributed
-helpers are replaced by stand-ins; nothing else of the official package is loaded) and needs only torch,
-torchvision and scipy. What it does:
+Not run in CI. It imports the official `src/zoo/dfine` and `engine/deim` modules directly (their registries
+and distributed helpers are replaced by stand-ins; nothing else of either package is loaded) and needs only
+torch, torchvision and scipy. What it does:
 
 1. builds the official `DFINETransformer` at a tiny size (width 32, 4 heads, 3 layers, 10 queries, two
    levels of 8x8 and 4x4 with 3 and 2 sampling points, 6 denoising queries, reg_max 32, reg_scale 4) with
@@ -19,7 +20,9 @@ torchvision and scipy. What it does:
    `DFINECriterion` (losses vfl, boxes, local; weights vfl 1, bbox 5, giou 2, fgl 0.15, ddf 1.5; alpha
    0.75, gamma 2; the official matcher with costs 2 / 5 / 2, focal alpha 0.25, gamma 2) and the eval
    forward;
-4. saves weights, inputs, every output tensor (named as this project's head names them) and every loss.
+4. runs DEIM's `DEIMCriterion` on the same outputs (a second forward with the same seed) with DEIM's loss
+   settings (losses mal, boxes, local; weights mal 1, bbox 5, giou 2, fgl 0.15, ddf 1.5; gamma 1.5);
+5. saves weights, inputs, every output tensor (named as this project's head names them) and every loss.
 """
 from __future__ import annotations
 
@@ -42,27 +45,39 @@ TARGETS = [
     {"labels": [1], "boxes": [[0.50, 0.50, 0.60, 0.70]]},
 ]
 LOSS_WEIGHTS = {"loss_vfl": 1, "loss_bbox": 5, "loss_giou": 2, "loss_fgl": 0.15, "loss_ddf": 1.5}
+DEIM_LOSS_WEIGHTS = {"loss_mal": 1, "loss_bbox": 5, "loss_giou": 2, "loss_fgl": 0.15, "loss_ddf": 1.5}
+
+
+def _package(name: str, path: Path | None = None) -> types.ModuleType:
+    """An empty package (its __init__ not run: the official ones import the whole training stack)."""
+    module = types.ModuleType(name)
+    if path is not None:
+        module.__path__ = [str(path)]
+    sys.modules[name] = module
+    return module
+
+
+def _stand_ins(top: str, root: Path) -> None:
+    _package(top, root)
+    _package(f"{top}.core").register = lambda *args, **kwargs: (lambda cls: cls)
+    _package(f"{top}.misc", root / "misc")
+    dist_utils = _package(f"{top}.misc.dist_utils")
+    dist_utils.get_world_size = lambda: 1
+    dist_utils.is_dist_available_and_initialized = lambda: False
 
 
 def import_reference(root: Path):
-    """The official decoder, criterion and matcher modules, without the official package's __init__ files
-    (they would import the whole training stack)."""
-    def package(name: str, path: Path | None = None) -> types.ModuleType:
-        module = types.ModuleType(name)
-        if path is not None:
-            module.__path__ = [str(path)]
-        sys.modules[name] = module
-        return module
-
-    package("src", root / "src")
-    package("src.core").register = lambda *args, **kwargs: (lambda cls: cls)
-    package("src.misc", root / "src/misc")
-    dist_utils = package("src.misc.dist_utils")
-    dist_utils.get_world_size = lambda: 1
-    dist_utils.is_dist_available_and_initialized = lambda: False
-    package("src.zoo", root / "src/zoo")
-    package("src.zoo.dfine", root / "src/zoo/dfine")
+    """D-FINE's decoder, criterion and matcher modules."""
+    _stand_ins("src", root / "src")
+    _package("src.zoo", root / "src/zoo")
+    _package("src.zoo.dfine", root / "src/zoo/dfine")
     return [importlib.import_module(f"src.zoo.dfine.{name}") for name in ("dfine_decoder", "dfine_criterion", "matcher")]
+
+
+def import_deim_criterion(root: Path):
+    _stand_ins("engine", root / "engine")
+    _package("engine.deim", root / "engine/deim")
+    return importlib.import_module("engine.deim.deim_criterion")
 
 
 def build_reference(decoder_module):
@@ -107,9 +122,11 @@ def flatten(outputs: dict) -> dict[str, torch.Tensor]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dfine", type=Path, help="a checkout of github.com/Peterande/D-FINE")
+    parser.add_argument("deim", type=Path, help="a checkout of github.com/ShihuaHuang95/DEIM")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "tests/data/dfine_reference.pt")
     args = parser.parse_args()
     decoder_module, criterion_module, matcher_module = import_reference(args.dfine.resolve())
+    deim_module = import_deim_criterion(args.deim.resolve())
 
     model = build_reference(decoder_module)
     generator = torch.Generator().manual_seed(INPUT_SEED)
@@ -126,16 +143,24 @@ def main() -> None:
     criterion = criterion_module.DFINECriterion(matcher, LOSS_WEIGHTS, ["vfl", "boxes", "local"], alpha=0.75,
                                                 gamma=2.0, num_classes=CONFIG["num_classes"], reg_max=CONFIG["reg_max"])
     losses = {k: v.detach().clone().reshape(()) for k, v in criterion(outputs, [dict(t) for t in targets]).items()}
+    torch.manual_seed(DN_SEED)
+    outputs_again = model(feats, [dict(t) for t in targets])
+    deim = deim_module.DEIMCriterion(matcher, DEIM_LOSS_WEIGHTS, ["mal", "boxes", "local"], gamma=1.5,
+                                     num_classes=CONFIG["num_classes"], reg_max=CONFIG["reg_max"])
+    deim_losses = {k: v.detach().clone().reshape(())
+                   for k, v in deim(outputs_again, [dict(t) for t in targets]).items()}
     model.eval()
     with torch.no_grad():
         evaluated = model(feats)
 
     trained = {name for name, p in model.named_parameters() if p.requires_grad}
-    commit = subprocess.run(["git", "-C", str(args.dfine), "rev-parse", "HEAD"], capture_output=True, text=True)
+    def commit(checkout: Path) -> str:
+        done = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True)
+        return done.stdout.strip() or "unknown"
     fixture = {
         "config": CONFIG,
         "seeds": {"weights": WEIGHT_SEED, "inputs": INPUT_SEED, "denoising": DN_SEED},
-        "reference": {"repository": "github.com/Peterande/D-FINE", "commit": commit.stdout.strip() or "unknown",
+        "reference": {"github.com/Peterande/D-FINE": commit(args.dfine), "github.com/ShihuaHuang95/DEIM": commit(args.deim),
                       "torch": str(torch.__version__)},
         # trained tensors in float16 (their values are float16's), constants and buffers as they are
         "weights": {k: v.half() if k in trained else v for k, v in model.state_dict().items()},
@@ -144,6 +169,7 @@ def main() -> None:
         "train_outputs": flat,
         "num_denoising": int(outputs["dn_meta"]["dn_num_split"][0]),
         "losses": losses,
+        "deim_losses": deim_losses,
         "eval_outputs": {k: v.clone() for k, v in evaluated.items()},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

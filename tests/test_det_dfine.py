@@ -36,8 +36,11 @@ def test_head_key_builds_the_head_and_its_loss():
     assert model.decoder.layers[0].cross_attn.points_per_level == [3, 6, 3]
     criterion = build_criterion(cfg)
     assert isinstance(criterion, DFINECriterion)
-    assert criterion.weights == {"vfl": 1.0, "bbox": 5.0, "giou": 2.0, "fgl": 0.15, "ddf": 1.5}
-    assert (criterion.reg_max, criterion.reg_scale) == (32, 4.0)
+    assert criterion.weights == {"vfl": 1.0, "mal": 1.0, "bbox": 5.0, "giou": 2.0, "fgl": 0.15, "ddf": 1.5}
+    assert (criterion.reg_max, criterion.reg_scale, criterion.classification, criterion.gamma) == (32, 4.0, "vfl", 2.0)
+    for head in ("dfine", "rtdetrv2"):  # DEIM's matchability-aware loss, for either head
+        mal = build_criterion(rtdetr_config("test_resnet", 3, head=head, class_loss="mal", **TINY))
+        assert (mal.classification, mal.gamma, mal.alpha) == ("mal", 1.5, 0.75)
 
 
 def test_dfine_presets_are_the_n_and_s_sizes():
@@ -59,6 +62,7 @@ def test_dfine_presets_are_the_n_and_s_sizes():
                                            r"model\.out_strides=\[8, 16, 32\]"),
     (["model.reg_max=15"], r"model\.head=dfine needs an even model\.reg_max of at least 4 \(D-FINE: 32\), got 15"),
     (["model.init_from=weights.pth"], r"model\.init_from loads RT-DETRv2 weights, which do not fit model\.head=dfine"),
+    (["model.class_loss=focal"], r"model\.class_loss='focal' is not one of vfl, mal"),
 ])
 def test_unsupported_head_settings_stop_at_load_with_one_line(overrides, message):
     with pytest.raises(ConfigError, match=message) as error:

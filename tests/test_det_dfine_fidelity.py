@@ -1,6 +1,7 @@
 """The D-FINE head against the official D-FINE code: tests/data/dfine_reference.pt holds the official
-decoder's weights, inputs, outputs and losses (written by scripts/make_dfine_reference.py from
-Peterande/D-FINE); this project's head, given the same weights and inputs, must reproduce them."""
+decoder's weights, inputs, outputs and losses, and DEIM's losses on the same outputs (written by
+scripts/make_dfine_reference.py from Peterande/D-FINE and ShihuaHuang95/DEIM); this project's head, given
+the same weights and inputs, must reproduce them."""
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,24 @@ def test_every_loss_term_matches_the_reference(reference, trained_outputs):
     assert max(differences.values()) < TOLERANCE, {k: v for k, v in differences.items() if v >= TOLERANCE}
     # relative too, for the small terms
     assert all(differences[k] <= 1e-3 * abs(want[k].item()) + 1e-6 for k in want), differences
+
+
+def test_matchability_aware_loss_matches_deim(reference, trained_outputs):
+    """DEIM's criterion (MAL, gamma 1.5) on the same outputs; it leaves out the last denoising layer's
+    distillation term, which is zero by construction (that layer is the teacher) and D-FINE logs."""
+    c = reference["config"]
+    _, outputs = trained_outputs
+    losses = DFINECriterion(c["num_classes"], gamma=1.5, reg_max=c["reg_max"], reg_scale=c["reg_scale"],
+                            classification="mal")(outputs, reference["targets"])
+    want = reference["deim_losses"]
+    teacher_term = f"loss_ddf_dn_{c['num_layers'] - 1}"
+    assert sorted(set(losses) - {teacher_term}) == sorted(want) and losses[teacher_term] == 0
+    assert sum(k.startswith("loss_mal") for k in want) == 9 and all(want[k] > 0 for k in want)
+    differences = {k: abs(losses[k].item() - want[k].item()) for k in want}
+    assert max(differences.values()) < TOLERANCE, {k: v for k, v in differences.items() if v >= TOLERANCE}
+    assert all(differences[k] <= 1e-3 * abs(want[k].item()) + 1e-6 for k in want), differences
+    # and it is not the varifocal loss under another name
+    assert abs(want["loss_mal"].item() - reference["losses"]["loss_vfl"].item()) > 100 * TOLERANCE
 
 
 def test_weighting_function_and_distance_round_trip():

@@ -1,5 +1,6 @@
 """D-FINE's training loss: RT-DETR's (varifocal, L1, GIoU) plus two terms on the corner distributions, with
-D-FINE's weights: vfl 1, bbox 5, giou 2, fgl 0.15, ddf 1.5.
+D-FINE's weights: vfl 1, bbox 5, giou 2, fgl 0.15, ddf 1.5 (DEIM's: `classification="mal"`, gamma 1.5,
+`loss_mal` 1 in place of `loss_vfl`).
 
 - `loss_fgl` (fine-grained localisation): each edge's distribution is pulled towards the two bins around
   the target distance (cross-entropy, split by linear interpolation between them), weighted by the IoU of
@@ -11,8 +12,8 @@ D-FINE's weights: vfl 1, bbox 5, giou 2, fgl 0.15, ddf 1.5.
 
 Matching is global: the one-to-one matches of the last layer, the auxiliary layers, the first layer's plain
 head (`_pre`) and the encoder proposals are pooled, and each query keeps the target it was matched to most
-often. The box and distribution losses use that union (normalised by its size); each output's varifocal
-loss keeps its own matches. The encoder and `_pre` outputs have no distributions: no fgl / ddf for them.
+often. The box and distribution losses use that union (normalised by its size); each output's
+classification loss keeps its own matches. The encoder and `_pre` outputs have no distributions: no fgl / ddf for them.
 Denoising outputs use their known targets; the last denoising layer is their teacher.
 """
 from __future__ import annotations
@@ -33,7 +34,7 @@ from distill.detection.criterion import (
 from distill.detection.distribution import DEFAULT_UP, box_to_distance
 from distill.detection.matcher import HungarianMatcher
 
-DFINE_WEIGHTS = {"vfl": 1.0, "bbox": 5.0, "giou": 2.0, "fgl": 0.15, "ddf": 1.5}
+DFINE_WEIGHTS = {"vfl": 1.0, "mal": 1.0, "bbox": 5.0, "giou": 2.0, "fgl": 0.15, "ddf": 1.5}
 
 Indices = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -61,8 +62,9 @@ def union_of_matches(index_sets: list[Indices]) -> Indices:
 class DFINECriterion(RTDETRCriterion):
     def __init__(self, num_classes: int, matcher: Optional[HungarianMatcher] = None,
                  weights: Optional[dict[str, float]] = None, alpha: float = 0.75, gamma: float = 2.0,
-                 reg_max: int = 32, reg_scale: float = 4.0, up: float = DEFAULT_UP, temperature: float = 5.0):
-        super().__init__(num_classes, matcher, {**DFINE_WEIGHTS, **(weights or {})}, alpha, gamma)
+                 reg_max: int = 32, reg_scale: float = 4.0, up: float = DEFAULT_UP, temperature: float = 5.0,
+                 classification: str = "vfl"):
+        super().__init__(num_classes, matcher, {**DFINE_WEIGHTS, **(weights or {})}, alpha, gamma, classification)
         self.reg_max, self.reg_scale, self.up = reg_max, reg_scale, up
         self.temperature = temperature
 
@@ -117,9 +119,9 @@ class DFINECriterion(RTDETRCriterion):
 
     def layer_losses(self, output, targets, own, shared, num_boxes, num_shared, suffix, teacher=None,
                      balance=None, corner_targets=None) -> dict[str, torch.Tensor]:
-        """One output's weighted losses: varifocal on its own matches, boxes (and distributions) on `shared`."""
+        """One output's weighted losses: classification on its own matches, boxes (and distributions) on `shared`."""
         l1, giou = self.box_losses(output["pred_boxes"], targets, shared, num_shared)
-        losses = {"vfl": self.varifocal(output["pred_logits"], output["pred_boxes"], targets, own, num_boxes),
+        losses = {**self.classify(output["pred_logits"], output["pred_boxes"], targets, own, num_boxes),
                   "bbox": l1, "giou": giou}
         if "pred_corners" in output:
             losses["fgl"] = self.fine_grained_localisation(output, targets, shared, corner_targets, num_shared)

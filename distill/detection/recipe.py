@@ -26,6 +26,7 @@ from distill.config import (
     at_least,
     load_config,
 )
+from distill.detection.criterion import CLASSIFICATION_LOSSES
 from distill.detection.rtdetr import HEADS, RTDETRConfig, check_head
 
 
@@ -113,6 +114,7 @@ DET_CHOICES = {
     "model.downsample": ("conv", "scdown"),
     "model.encoder_attention": ("aifi", "psa"),
     "model.head": HEADS,
+    "model.class_loss": CLASSIFICATION_LOSSES,
     "data.generate": (None, "det_demo"),
     "train.precision": ("auto", "no", "bf16", "fp16"),
 }

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from distill.detection.blocks import RepVGGUnit
-from distill.detection.criterion import RTDETRCriterion
+from distill.detection.criterion import CLASSIFICATION_LOSSES, MAL_GAMMA, RTDETRCriterion
 from distill.detection.decoder import RTDETRDecoder
 from distill.detection.dfine_criterion import DFINECriterion
 from distill.detection.dfine_decoder import DFineDecoder
@@ -72,6 +72,7 @@ class RTDETRConfig:
     num_points_per_level: Optional[tuple[int, ...]] = None
     reg_max: int = 32  # D-FINE: bins per edge distribution are reg_max + 1
     reg_scale: float = 4.0  # D-FINE: the curvature / range of the weighting function W(n)
+    class_loss: str = "vfl"  # vfl (RT-DETR, D-FINE) | mal (DEIM's matchability-aware loss, gamma 1.5)
 
 
 PRESETS: dict[str, dict] = {
@@ -132,6 +133,8 @@ def check_head(cfg, prefix: str = "") -> None:
     head, points = f"{prefix}head", f"{prefix}num_points_per_level"
     if cfg.head not in HEADS:
         raise ValueError(f"{head}={cfg.head!r} is not one of {', '.join(HEADS)}")
+    if cfg.class_loss not in CLASSIFICATION_LOSSES:
+        raise ValueError(f"{prefix}class_loss={cfg.class_loss!r} is not one of {', '.join(CLASSIFICATION_LOSSES)}")
     if cfg.head == "rtdetrv2" and cfg.num_points_per_level is not None:
         raise ValueError(f"{points} is a D-FINE setting: set {head}=dfine, or {prefix}num_points for rtdetrv2")
     if cfg.head != "dfine":
@@ -177,6 +180,8 @@ def build_rtdetr(cfg: RTDETRConfig) -> RTDETR:
 def build_criterion(cfg: RTDETRConfig) -> RTDETRCriterion:
     """The training loss of the configured head, with its reference weights."""
     check_head(cfg)
+    gamma = MAL_GAMMA if cfg.class_loss == "mal" else 2.0
     if cfg.head == "dfine":
-        return DFINECriterion(cfg.num_classes, reg_max=cfg.reg_max, reg_scale=cfg.reg_scale)
-    return RTDETRCriterion(cfg.num_classes)
+        return DFINECriterion(cfg.num_classes, gamma=gamma, reg_max=cfg.reg_max, reg_scale=cfg.reg_scale,
+                              classification=cfg.class_loss)
+    return RTDETRCriterion(cfg.num_classes, gamma=gamma, classification=cfg.class_loss)
