@@ -54,6 +54,26 @@ def test_dfine_presets_are_the_n_and_s_sizes():
     assert [layer.cross_attn.points_per_level for layer in model.decoder.layers] == [[6, 6]] * 3
 
 
+@pytest.mark.parametrize("size", ["n", "s"])
+def test_dfine_recipes_hold_the_presets_and_the_reference_schedule(size):
+    from omegaconf import OmegaConf
+
+    from distill.detection.rtdetr import PRESETS
+
+    cfg = load_det_config([f"recipe=dfine_{size}"])
+    preset = rtdetr_config(cfg.model.backbone, 80, preset=f"dfine_{size}")
+    for key in [*PRESETS[f"dfine_{size}"], "reg_max", "reg_scale", "num_queries", "num_denoising"]:
+        got, want = cfg.model[key], getattr(preset, key)
+        got = list(got) if OmegaConf.is_list(got) else got
+        assert got == (list(want) if isinstance(want, tuple) else want), key
+    schedule = {"n": (8e-4, 4e-4, 128, 160, 12), "s": (2e-4, 1e-4, 32, 132, 12)}[size]
+    assert (cfg.optim.lr, cfg.optim.backbone_lr, cfg.data.global_batch_size, cfg.train.epochs,
+            cfg.train.no_aug_epochs) == schedule
+    assert (cfg.optim.warmup_steps, cfg.train.ema_warmups, cfg.optim.clip_grad) == (500, 1000, 0.1)
+    sides = list(cfg.data.multiscale)
+    assert sides == ([] if size == "n" else [480, 512, 544, 576, 608] + [640] * 20 + [672, 704, 736, 768, 800])
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["model.head=dino"], r"model\.head='dino' is not one of rtdetrv2, dfine"),
     (["model.head=rtdetrv2", "model.num_points_per_level=[3,6,3]"],
