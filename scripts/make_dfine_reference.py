@@ -20,9 +20,10 @@ torch, torchvision and scipy. What it does:
    `DFINECriterion` (losses vfl, boxes, local; weights vfl 1, bbox 5, giou 2, fgl 0.15, ddf 1.5; alpha
    0.75, gamma 2; the official matcher with costs 2 / 5 / 2, focal alpha 0.25, gamma 2) and the eval
    forward;
-4. runs DEIM's `DEIMCriterion` on the same outputs (a second forward with the same seed) with DEIM's loss
+4. back-propagates the sum of D-FINE's losses and keeps each weight's gradient norm and sum;
+5. runs DEIM's `DEIMCriterion` on the same outputs (a second forward with the same seed) with DEIM's loss
    settings (losses mal, boxes, local; weights mal 1, bbox 5, giou 2, fgl 0.15, ddf 1.5; gamma 1.5);
-5. saves weights, inputs, every output tensor (named as this project's head names them) and every loss.
+6. saves weights, inputs, every output tensor (named as this project's head names them) and every loss.
 """
 from __future__ import annotations
 
@@ -142,7 +143,15 @@ def main() -> None:
                                               alpha=0.25, gamma=2.0)
     criterion = criterion_module.DFINECriterion(matcher, LOSS_WEIGHTS, ["vfl", "boxes", "local"], alpha=0.75,
                                                 gamma=2.0, num_classes=CONFIG["num_classes"], reg_max=CONFIG["reg_max"])
-    losses = {k: v.detach().clone().reshape(()) for k, v in criterion(outputs, [dict(t) for t in targets]).items()}
+    losses = criterion(outputs, [dict(t) for t in targets])
+    model.zero_grad()
+    sum(losses.values()).backward()
+    # which tensors learn from which loss (detached paths included) shows in the gradients: their norm and
+    # sum per tensor are enough to tell, and small
+    learned = [(name, p.grad) for name, p in model.named_parameters() if p.grad is not None]
+    gradients = {"names": [name for name, _ in learned],
+                 "norm_and_sum": torch.stack([torch.stack([g.norm(), g.sum()]) for _, g in learned])}
+    losses = {k: v.detach().clone().reshape(()) for k, v in losses.items()}
     torch.manual_seed(DN_SEED)
     outputs_again = model(feats, [dict(t) for t in targets])
     deim = deim_module.DEIMCriterion(matcher, DEIM_LOSS_WEIGHTS, ["mal", "boxes", "local"], gamma=1.5,
@@ -169,6 +178,7 @@ def main() -> None:
         "train_outputs": flat,
         "num_denoising": int(outputs["dn_meta"]["dn_num_split"][0]),
         "losses": losses,
+        "gradients": gradients,
         "deim_losses": deim_losses,
         "eval_outputs": {k: v.clone() for k, v in evaluated.items()},
     }

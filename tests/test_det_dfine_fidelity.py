@@ -99,6 +99,24 @@ def test_every_loss_term_matches_the_reference(reference, trained_outputs):
     assert all(differences[k] <= 1e-3 * abs(want[k].item()) + 1e-6 for k in want), differences
 
 
+def test_gradients_match_the_reference(reference):
+    """Every weight learns from the same losses through the same (detached or not) paths as in the reference:
+    the gradient of the summed losses has the reference's norm and sum, tensor by tensor."""
+    c = reference["config"]
+    decoder = _decoder(reference).train()
+    torch.manual_seed(reference["seeds"]["denoising"])
+    outputs = decoder(reference["feats"], reference["targets"])
+    losses = DFINECriterion(c["num_classes"], reg_max=c["reg_max"], reg_scale=c["reg_scale"])(
+        outputs, reference["targets"])
+    sum(losses.values()).backward()
+    want = dict(zip(reference["gradients"]["names"], reference["gradients"]["norm_and_sum"]))
+    got = {reference_key(name): torch.stack([p.grad.norm(), p.grad.sum()])
+           for name, p in decoder.named_parameters() if p.grad is not None}
+    assert sorted(got) == sorted(want)
+    for name, value in want.items():
+        assert torch.allclose(got[name], value, rtol=1e-4, atol=1e-5), (name, got[name], value)
+
+
 def test_matchability_aware_loss_matches_deim(reference, trained_outputs):
     """DEIM's criterion (MAL, gamma 1.5) on the same outputs; it leaves out the last denoising layer's
     distillation term, which is zero by construction (that layer is the teacher) and D-FINE logs."""

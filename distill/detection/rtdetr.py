@@ -128,8 +128,8 @@ def _pair(size: Optional[int | Sequence[int]]) -> Optional[tuple[int, int]]:
 
 
 def check_head(cfg, prefix: str = "") -> None:
-    """The head settings the reference implementations support; a ValueError naming the keys (with `prefix`,
-    e.g. "model.") otherwise. `cfg`: an `RTDETRConfig` or anything with its attributes (a recipe's model)."""
+    """The head and loss settings the reference implementations support; a ValueError naming the keys (with
+    `prefix`, e.g. "model.") otherwise. `cfg`: an `RTDETRConfig` or anything with its attributes (a recipe's model)."""
     head, points = f"{prefix}head", f"{prefix}num_points_per_level"
     if cfg.head not in HEADS:
         raise ValueError(f"{head}={cfg.head!r} is not one of {', '.join(HEADS)}")
