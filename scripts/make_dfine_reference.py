@@ -72,7 +72,8 @@ def import_reference(root: Path):
     _stand_ins("src", root / "src")
     _package("src.zoo", root / "src/zoo")
     _package("src.zoo.dfine", root / "src/zoo/dfine")
-    return [importlib.import_module(f"src.zoo.dfine.{name}") for name in ("dfine_decoder", "dfine_criterion", "matcher")]
+    names = ("dfine_decoder", "dfine_criterion", "matcher")
+    return [importlib.import_module(f"src.zoo.dfine.{name}") for name in names]
 
 
 def import_deim_criterion(root: Path):
@@ -124,7 +125,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dfine", type=Path, help="a checkout of github.com/Peterande/D-FINE")
     parser.add_argument("deim", type=Path, help="a checkout of github.com/ShihuaHuang95/DEIM")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "tests/data/dfine_reference.pt")
+    parser.add_argument("--out", type=Path,
+                        default=Path(__file__).resolve().parents[1] / "tests/data/dfine_reference.pt")
     args = parser.parse_args()
     decoder_module, criterion_module, matcher_module = import_reference(args.dfine.resolve())
     deim_module = import_deim_criterion(args.deim.resolve())
@@ -169,8 +171,8 @@ def main() -> None:
     fixture = {
         "config": CONFIG,
         "seeds": {"weights": WEIGHT_SEED, "inputs": INPUT_SEED, "denoising": DN_SEED},
-        "reference": {"github.com/Peterande/D-FINE": commit(args.dfine), "github.com/ShihuaHuang95/DEIM": commit(args.deim),
-                      "torch": str(torch.__version__)},
+        "reference": {"github.com/Peterande/D-FINE": commit(args.dfine),
+                      "github.com/ShihuaHuang95/DEIM": commit(args.deim), "torch": str(torch.__version__)},
         # trained tensors in float16 (their values are float16's), constants and buffers as they are
         "weights": {k: v.half() if k in trained else v for k, v in model.state_dict().items()},
         "feats": feats,

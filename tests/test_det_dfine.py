@@ -145,6 +145,22 @@ def test_head_and_criterion_learn_a_fixed_batch():
     assert detections[0]["boxes"].shape == (5, 4) and (detections[0]["boxes"][:, 2::2] <= 64 + 1e-3).all()
 
 
+@pytest.mark.parametrize("boxes_per_image", [(2, 0), (0, 0)])
+def test_losses_are_finite_and_reach_every_head_without_boxes(boxes_per_image):
+    """A process whose batch holds no box still runs every branch (distributed training needs the same graph)."""
+    torch.manual_seed(0)
+    model = build_rtdetr(rtdetr_config("test_resnet", 3, head="dfine", **TINY)).train()
+    targets = [{"labels": torch.ones(n, dtype=torch.long),
+                "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.3]] * n).reshape(-1, 4)} for n in boxes_per_image]
+    losses = build_criterion(model.cfg)(model(torch.randn(2, 3, 64, 64), targets), targets)
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert {"loss_fgl", "loss_ddf_aux_0", "loss_fgl_dn_0", "loss_vfl_dn_pre"} <= set(losses)
+    sum(losses.values()).backward()
+    decoder = model.decoder
+    for head in (decoder.bbox_heads[0], decoder.pre_bbox_head, decoder.lqe_layers[0], decoder.score_heads[1]):
+        assert all(p.grad is not None for p in head.parameters())
+
+
 def test_fine_tuning_with_the_dfine_head_runs_end_to_end(tmp_path):
     from accelerate.state import AcceleratorState
 
@@ -174,7 +190,8 @@ def test_fine_tuning_with_the_dfine_head_runs_end_to_end(tmp_path):
     from distill.detection.run import load_detector
 
     loaded = load_detector(run, img_size=0, deploy=True)
-    assert isinstance(loaded.model.decoder, DFineDecoder) and loaded.model.decoder.eval_shapes == [(12, 12), (6, 6), (3, 3)]
+    assert isinstance(loaded.model.decoder, DFineDecoder)
+    assert loaded.model.decoder.eval_shapes == [(12, 12), (6, 6), (3, 3)]
     with torch.no_grad():
         outputs = loaded.model(torch.randn(1, 3, 96, 96))
     assert outputs["pred_logits"].shape == (1, 20, 3) and torch.isfinite(outputs["pred_boxes"]).all()

@@ -73,6 +73,6 @@ def box_to_distance(ref_boxes: torch.Tensor, target_xyxy: torch.Tensor, reg_max:
     weight_right = torch.where(inside, to_left / (to_left + to_right), (left >= reg_max).to(distances.dtype))
     weight_left = 1 - weight_right
     # below W(0): all on bin 0; at or above W(reg_max): all on the last bin (index just under reg_max)
-    index = torch.where(left < 0, torch.zeros_like(distances),
-                        torch.where(left >= reg_max, torch.full_like(distances, reg_max - 0.1), left.to(distances.dtype)))
+    index = torch.where(left >= reg_max, torch.full_like(distances, reg_max - 0.1), left.to(distances.dtype))
+    index = torch.where(left < 0, torch.zeros_like(distances), index)
     return index.clamp(0, reg_max - eps), weight_right, weight_left
