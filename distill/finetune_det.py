@@ -39,7 +39,7 @@ from distill.detection.ema import RTDETREma
 from distill.detection.evaluate import evaluate_detector, predict
 from distill.detection.postprocess import PostProcessor
 from distill.detection.recipe import load_det_config
-from distill.detection.rtdetr import RTDETRConfig, build_rtdetr
+from distill.detection.rtdetr import RTDETRConfig, build_criterion, build_rtdetr
 from distill.detection.run import CATEGORIES_FILE
 from distill.detection.sync_bn import to_sync_batchnorm
 from distill.detection.visualize import save_prediction_grid
@@ -96,7 +96,7 @@ def main(argv=None) -> dict:
         logger.info("model.init_from=%s:\n%s", cfg.model.init_from, model.init_report.summary())
         atomic_write_text(out / "init_from.json", json.dumps(model.init_report.as_dict(), indent=1))
     mean, std = model.mean, model.std  # the backbone's own normalisation (its timm pretrained_cfg)
-    criterion = RTDETRCriterion(cfg.model.num_classes)
+    criterion = build_criterion(model.cfg)  # the head's own loss (RT-DETRv2's or D-FINE's)
     postprocess = PostProcessor(num_top=cfg.eval.num_top)
     ema = RTDETREma(model, cfg.train.ema_decay, cfg.train.ema_warmups)  # a plain-batch-norm copy
     model = to_sync_batchnorm(model, world, device, cfg.train.sync_bn)

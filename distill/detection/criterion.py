@@ -1,5 +1,7 @@
 """RT-DETR's training loss: varifocal loss on IoU-aware scores (weight 1), L1 (5) and GIoU (2) on boxes,
 for the last decoder layer, each auxiliary layer, the encoder's top-K proposals and the denoising groups.
+`classification="mal"` puts DEIM's matchability-aware loss (`loss_mal`, weight 1, gamma 1.5) in place of
+the varifocal one.
 
 Predictions are matched to targets by the Hungarian matcher, except denoising queries, whose targets are
 known by construction. Losses are normalised by the number of target boxes averaged over processes (at
@@ -17,11 +19,18 @@ from torch import nn
 from distill.detection.box_ops import cxcywh_to_xyxy, elementwise_box_iou, generalized_box_iou_loss
 from distill.detection.matcher import HungarianMatcher
 
-DEFAULT_WEIGHTS = {"vfl": 1.0, "bbox": 5.0, "giou": 2.0}
+DEFAULT_WEIGHTS = {"vfl": 1.0, "mal": 1.0, "bbox": 5.0, "giou": 2.0}
+CLASSIFICATION_LOSSES = ("vfl", "mal")
+MAL_GAMMA = 1.5  # DEIM's
 
 
 def average_box_count(targets: list[dict], device: torch.device) -> torch.Tensor:
-    count = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
+    return average_count(sum(len(t["labels"]) for t in targets), device)
+
+
+def average_count(count: int, device: torch.device) -> torch.Tensor:
+    """A per-process count averaged over processes, at least 1: the normaliser of a loss."""
+    count = torch.tensor(float(count), device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(count)
         count = count / dist.get_world_size()
@@ -30,16 +39,19 @@ def average_box_count(targets: list[dict], device: torch.device) -> torch.Tensor
 
 class RTDETRCriterion(nn.Module):
     def __init__(self, num_classes: int, matcher: Optional[HungarianMatcher] = None,
-                 weights: Optional[dict[str, float]] = None, alpha: float = 0.75, gamma: float = 2.0):
+                 weights: Optional[dict[str, float]] = None, alpha: float = 0.75, gamma: float = 2.0,
+                 classification: str = "vfl"):
         super().__init__()
+        if classification not in CLASSIFICATION_LOSSES:
+            raise ValueError(f"classification={classification!r} is not one of {', '.join(CLASSIFICATION_LOSSES)}")
         self.num_classes = num_classes
         self.matcher = matcher or HungarianMatcher()
         self.weights = {**DEFAULT_WEIGHTS, **(weights or {})}
         self.alpha, self.gamma = alpha, gamma
+        self.classification = classification
 
-    def varifocal(self, logits, boxes, targets, indices, num_boxes) -> torch.Tensor:
-        """BCE towards an IoU-valued target on the matched class; negatives weighted by alpha · p^gamma."""
-        logits = logits.float()
+    def iou_targets(self, logits, boxes, targets, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        """(IoU of each matched prediction on its target's class, 0 elsewhere; 1 on those entries, 0 elsewhere)."""
         batch_idx, query_idx, matched_boxes, matched_labels = _gather(targets, indices, logits.device)
         target = torch.zeros_like(logits)
         if len(query_idx):
@@ -48,9 +60,28 @@ class RTDETRCriterion(nn.Module):
             target[batch_idx, query_idx, matched_labels] = iou
         is_positive = torch.zeros_like(logits)
         is_positive[batch_idx, query_idx, matched_labels] = 1.0
+        return target, is_positive
+
+    def varifocal(self, logits, boxes, targets, indices, num_boxes) -> torch.Tensor:
+        """BCE towards an IoU-valued target on the matched class; negatives weighted by alpha · p^gamma."""
+        logits = logits.float()
+        target, is_positive = self.iou_targets(logits, boxes, targets, indices)
         weight = self.alpha * logits.detach().sigmoid().pow(self.gamma) * (1 - is_positive) + target
         loss = F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="none")
         return loss.sum() / num_boxes
+
+    def matchability(self, logits, boxes, targets, indices, num_boxes) -> torch.Tensor:
+        """DEIM's MAL: BCE towards IoU^gamma on the matched class, positives at full weight (a low IoU still
+        teaches), negatives weighted by p^gamma (no alpha)."""
+        logits = logits.float()
+        target, is_positive = self.iou_targets(logits, boxes, targets, indices)
+        weight = logits.detach().sigmoid().pow(self.gamma) * (1 - is_positive) + is_positive
+        loss = F.binary_cross_entropy_with_logits(logits, target.pow(self.gamma), weight=weight, reduction="none")
+        return loss.sum() / num_boxes
+
+    def classify(self, logits, boxes, targets, indices, num_boxes) -> dict[str, torch.Tensor]:
+        loss = self.varifocal if self.classification == "vfl" else self.matchability
+        return {self.classification: loss(logits, boxes, targets, indices, num_boxes)}
 
     def box_losses(self, boxes, targets, indices, num_boxes) -> tuple[torch.Tensor, torch.Tensor]:
         batch_idx, query_idx, matched_boxes, _ = _gather(targets, indices, boxes.device)
@@ -62,7 +93,7 @@ class RTDETRCriterion(nn.Module):
     def single(self, output: dict, targets, indices, num_boxes, suffix: str) -> dict[str, torch.Tensor]:
         logits, boxes = output["pred_logits"], output["pred_boxes"]
         l1, giou = self.box_losses(boxes, targets, indices, num_boxes)
-        losses = {"vfl": self.varifocal(logits, boxes, targets, indices, num_boxes), "bbox": l1, "giou": giou}
+        losses = {**self.classify(logits, boxes, targets, indices, num_boxes), "bbox": l1, "giou": giou}
         return {f"loss_{k}{suffix}": self.weights[k] * v for k, v in losses.items()}
 
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
@@ -75,12 +106,16 @@ class RTDETRCriterion(nn.Module):
             losses.update(self.single(output, targets, indices, num_boxes, suffix))
         if "dn_outputs" in outputs:
             meta = outputs["dn_meta"]
-            counts = [len(t["labels"]) for t in targets]
-            # positives are laid out group by group, each group in target order
-            indices = [(idx, torch.arange(n).repeat(meta["groups"])) for idx, n in zip(meta["positive_idx"], counts)]
+            indices = denoising_indices(meta, targets)
             for i, output in enumerate(outputs["dn_outputs"]):
                 losses.update(self.single(output, targets, indices, num_boxes * meta["groups"], f"_dn_{i}"))
         return losses
+
+
+def denoising_indices(meta: dict, targets: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The (query, target) pairs of the denoising positives: laid out group by group, in target order."""
+    counts = [len(t["labels"]) for t in targets]
+    return [(idx, torch.arange(n).repeat(meta["groups"])) for idx, n in zip(meta["positive_idx"], counts)]
 
 
 def _matched_outputs(outputs: dict):

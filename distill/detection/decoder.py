@@ -75,7 +75,43 @@ def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
 
 
-class RTDETRDecoder(nn.Module):
+class QuerySelection:
+    """IoU-aware query selection, shared by the decoder heads: needs `enc_output`, `enc_score_head`,
+    `enc_bbox_head` and `num_queries` on the module, and `init_eval_anchors` called in its constructor."""
+
+    def init_eval_anchors(self, strides: Sequence[int], eval_spatial_size: Optional[tuple[int, int]]) -> None:
+        self.eval_shapes = None
+        if eval_spatial_size is not None:  # fixed anchors for export: constants instead of a subgraph
+            h, w = eval_spatial_size
+            self.eval_shapes = [(h // s, w // s) for s in strides]
+            anchors, valid = generate_anchors(self.eval_shapes)
+            self.register_buffer("eval_anchors", anchors, persistent=False)
+            self.register_buffer("eval_valid", valid, persistent=False)
+
+    def anchors(self, spatial_shapes, memory):
+        if not self.training and self.eval_shapes == list(spatial_shapes):
+            return self.eval_anchors.to(memory.dtype), self.eval_valid
+        return generate_anchors(spatial_shapes, device=memory.device, dtype=memory.dtype)
+
+    def select_queries(self, memory, spatial_shapes):
+        """Top-K memory positions by best class score: (content, box logits, their encoder predictions)."""
+        anchors, valid = self.anchors(spatial_shapes, memory)
+        enc_memory = self.enc_output(memory * valid.to(memory.dtype))
+        enc_logits = self.enc_score_head(enc_memory)
+        enc_box_logits = self.enc_bbox_head(enc_memory) + anchors
+        if memory.shape[1] < self.num_queries:
+            raise ValueError(f"the feature maps {list(spatial_shapes)} hold {memory.shape[1]} positions, fewer than "
+                             f"num_queries={self.num_queries}: use larger images or fewer queries")
+        scores = enc_logits.max(-1).values.masked_fill(~valid.squeeze(-1), float("-inf"))
+        index = scores.topk(self.num_queries, dim=1).indices
+        box_logits = _gather(enc_box_logits, index)
+        enc_outputs = None
+        if self.training:  # the encoder's own predictions only feed the loss
+            enc_outputs = {"pred_logits": _gather(enc_logits, index), "pred_boxes": box_logits.sigmoid()}
+        return _gather(enc_memory, index).detach(), box_logits.detach(), enc_outputs
+
+
+class RTDETRDecoder(QuerySelection, nn.Module):
     def __init__(
         self,
         num_classes: int,
@@ -109,13 +145,7 @@ class RTDETRDecoder(nn.Module):
             for _ in range(num_layers))
         self.score_heads = nn.ModuleList(nn.Linear(hidden_dim, num_classes) for _ in range(num_layers))
         self.bbox_heads = nn.ModuleList(MLP(hidden_dim, hidden_dim, 4, 3) for _ in range(num_layers))
-        self.eval_shapes = None
-        if eval_spatial_size is not None:  # fixed anchors for export: constants instead of a subgraph
-            h, w = eval_spatial_size
-            self.eval_shapes = [(h // s, w // s) for s in strides]
-            anchors, valid = generate_anchors(self.eval_shapes)
-            self.register_buffer("eval_anchors", anchors, persistent=False)
-            self.register_buffer("eval_valid", valid, persistent=False)
+        self.init_eval_anchors(strides, eval_spatial_size)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -130,28 +160,6 @@ class RTDETRDecoder(nn.Module):
             nn.init.xavier_uniform_(layer.weight)
         for proj in self.input_proj:
             nn.init.xavier_uniform_(proj[0].weight)
-
-    def anchors(self, spatial_shapes, memory):
-        if not self.training and self.eval_shapes == list(spatial_shapes):
-            return self.eval_anchors.to(memory.dtype), self.eval_valid
-        return generate_anchors(spatial_shapes, device=memory.device, dtype=memory.dtype)
-
-    def select_queries(self, memory, spatial_shapes):
-        """Top-K memory positions by best class score: (content, box logits, their encoder predictions)."""
-        anchors, valid = self.anchors(spatial_shapes, memory)
-        enc_memory = self.enc_output(memory * valid.to(memory.dtype))
-        enc_logits = self.enc_score_head(enc_memory)
-        enc_box_logits = self.enc_bbox_head(enc_memory) + anchors
-        if memory.shape[1] < self.num_queries:
-            raise ValueError(f"the feature maps {list(spatial_shapes)} hold {memory.shape[1]} positions, fewer than "
-                             f"num_queries={self.num_queries}: use larger images or fewer queries")
-        scores = enc_logits.max(-1).values.masked_fill(~valid.squeeze(-1), float("-inf"))
-        index = scores.topk(self.num_queries, dim=1).indices
-        box_logits = _gather(enc_box_logits, index)
-        enc_outputs = None
-        if self.training:  # the encoder's own predictions only feed the loss
-            enc_outputs = {"pred_logits": _gather(enc_logits, index), "pred_boxes": box_logits.sigmoid()}
-        return _gather(enc_memory, index).detach(), box_logits.detach(), enc_outputs
 
     def forward(self, feats: Sequence[torch.Tensor], targets: Optional[list[dict]] = None) -> dict:
         maps = [proj(f) for proj, f in zip(self.input_proj, feats)]

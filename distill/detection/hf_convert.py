@@ -94,6 +94,9 @@ def rtdetr_config_from_hf(config: dict) -> RTDETRConfig:
 
 def to_transformers(model: RTDETR, class_names: Sequence[str]) -> nn.Module:
     """transformers' `RTDetrV2ForObjectDetection` holding `model`'s weights (training form), in eval mode."""
+    if model.cfg.head != "rtdetrv2":
+        raise ValueError(f"a detector with head={model.cfg.head!r} has no RT-DETRv2 counterpart in transformers; "
+                         "only head=rtdetrv2 converts")
     from transformers import RTDetrV2ForObjectDetection
 
     if any(getattr(m, "fused", None) is not None for m in model.modules()):

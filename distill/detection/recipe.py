@@ -27,7 +27,8 @@ from distill.config import (
     at_least,
     load_config,
 )
-from distill.detection.rtdetr import RTDETRConfig
+from distill.detection.criterion import CLASSIFICATION_LOSSES
+from distill.detection.rtdetr import HEADS, RTDETRConfig, check_head
 
 
 @dataclass
@@ -38,6 +39,7 @@ class DetModelConfig(RTDETRConfig):
     num_classes: Optional[int] = None  # default: the training annotations' category count
     out_strides: list[int] = field(default_factory=lambda: [8, 16, 32])  # [16, 32]: the two-level light neck
     eval_spatial_size: Optional[list[int]] = None
+    num_points_per_level: Optional[list[int]] = None  # head=dfine: e.g. [3, 6, 3]; None: num_points everywhere
 
 
 @dataclass
@@ -113,6 +115,8 @@ DET_CHOICES = {
     "model.fusion_block": ("csp_repvgg", "uib", "extradw", "cib"),
     "model.downsample": ("conv", "scdown"),
     "model.encoder_attention": ("aifi", "psa"),
+    "model.head": HEADS,
+    "model.class_loss": CLASSIFICATION_LOSSES,
     "data.generate": (None, "det_demo"),
     "train.precision": ("auto", "no", "bf16", "fp16"),
 }
@@ -136,6 +140,9 @@ DET_RANGES = {
     "model.eval_spatial_size": Range(32, 8192, length=2),  # (height, width) of the exported graph
     "model.depth_mult": above(0, 16),
     "model.dropout": FRACTION,
+    "model.num_points_per_level": Range(1, 64, min_length=1),
+    "model.reg_max": at_least(4, 1024),
+    "model.reg_scale": above(0, 1000),
     "data.img_size": SIDE,
     "data.multiscale": SIDE,
     "data.batch_size": BATCH,
@@ -176,6 +183,10 @@ def load_det_config(argv: Sequence[str], recipe_dir: Path = RECIPE_DIR) -> DictC
     if cfg.model.hidden_dim % cfg.model.num_heads:
         raise ConfigError(f"model.hidden_dim={cfg.model.hidden_dim} must be a multiple of "
                           f"model.num_heads={cfg.model.num_heads}")
+    try:
+        check_head(cfg.model, prefix="model.")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     bad = [s for s in list(cfg.data.multiscale) + [cfg.data.img_size] if s <= 0 or s % 32]
     if bad:
         raise ConfigError(f"data.img_size / data.multiscale must be positive multiples of 32, got {bad}")

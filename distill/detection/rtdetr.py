@@ -1,13 +1,18 @@
 """RT-DETR (v2 style) around any backbone from `distill.models.features`: backbone → hybrid encoder →
-decoder. Build it from an `RTDETRConfig`; presets name the neck/decoder sizes:
+decoder. The decoder head is RT-DETRv2's (`head="rtdetrv2"`) or D-FINE's (`head="dfine"`: distributions
+over edge offsets, see `distill.detection.dfine_decoder`; train it with `build_criterion(cfg)`).
+Build it from an `RTDETRConfig`; presets name the neck/decoder sizes:
 
 - `v2_s`: RT-DETRv2-S (the R18 size): width 256, expansion 0.5, three CSP units, 3 decoder layers, FFN 1024;
 - `light`: the D-FINE-N / DEIMv2-tiny style neck: width 128, two levels (strides 16, 32), expansion 0.34,
-  depth 0.5, FFN 512, 6 sampling points per level. With light backbones the encoder dominates the compute.
+  depth 0.5, FFN 512, 6 sampling points per level. With light backbones the encoder dominates the compute;
+- `dfine_n`: `light` with D-FINE's head (3 layers, 6 points on each of the two levels), as D-FINE-N;
+- `dfine_s`: D-FINE-S: width 256, expansion 0.5, depth 0.34 (one CSP unit), FFN 1024, 3 layers, D-FINE's
+  head with [3, 6, 3] points on the strides 8, 16, 32.
 
     model = build_rtdetr(rtdetr_config("mobilenetv4_conv_small", num_classes=80, preset="v2_s"))
     outputs = model(images, targets)        # training: also aux / encoder / denoising outputs
-    losses = RTDETRCriterion(80)(outputs, targets)
+    losses = build_criterion(model.cfg)(outputs, targets)
     detections = PostProcessor(300)(model.eval()(images), orig_sizes)
 
 Images are normalised with the backbone's mean/std (`model.mean`, `model.std`); sides must be multiples of
@@ -22,16 +27,20 @@ import torch
 from torch import nn
 
 from distill.detection.blocks import RepVGGUnit
-from distill.detection.criterion import RTDETRCriterion
+from distill.detection.criterion import CLASSIFICATION_LOSSES, MAL_GAMMA, RTDETRCriterion
 from distill.detection.decoder import RTDETRDecoder
+from distill.detection.dfine_criterion import DFINECriterion
+from distill.detection.dfine_decoder import DFineDecoder
 from distill.detection.hybrid_encoder import HybridEncoder
 from distill.detection.matcher import HungarianMatcher
 from distill.detection.postprocess import PostProcessor
 from distill.models.factory import input_spec
 from distill.models.features import create_feature_extractor
 
-__all__ = ["RTDETRConfig", "PRESETS", "rtdetr_config", "build_rtdetr", "RTDETR", "RTDETRCriterion",
-           "HungarianMatcher", "PostProcessor"]
+__all__ = ["RTDETRConfig", "PRESETS", "HEADS", "rtdetr_config", "build_rtdetr", "build_criterion", "RTDETR",
+           "RTDETRCriterion", "DFINECriterion", "HungarianMatcher", "PostProcessor"]
+
+HEADS = ("rtdetrv2", "dfine")
 
 
 @dataclass
@@ -58,12 +67,22 @@ class RTDETRConfig:
     depth_mult: float = 1.0  # CSP units per fusion block = round(3 · depth_mult)
     dropout: float = 0.0
     init_from: Optional[str] = None  # encoder + decoder weights: an official RT-DETRv2 .pth or a transformers folder
+    head: str = "rtdetrv2"  # the decoder head: rtdetrv2 | dfine
+    # D-FINE head only: sampling points per level (D-FINE-S [3, 6, 3]); None: num_points on every level
+    num_points_per_level: Optional[tuple[int, ...]] = None
+    reg_max: int = 32  # D-FINE: bins per edge distribution are reg_max + 1
+    reg_scale: float = 4.0  # D-FINE: the curvature / range of the weighting function W(n)
+    class_loss: str = "vfl"  # vfl (RT-DETR, D-FINE) | mal (DEIM's matchability-aware loss, gamma 1.5)
 
 
 PRESETS: dict[str, dict] = {
     "v2_s": {},
     "light": dict(hidden_dim=128, expansion=0.34, depth_mult=0.5, dim_feedforward=512, out_strides=(16, 32),
                   num_points=6),
+    "dfine_n": dict(hidden_dim=128, expansion=0.34, depth_mult=0.5, dim_feedforward=512, out_strides=(16, 32),
+                    num_points=6, head="dfine", num_decoder_layers=3),
+    "dfine_s": dict(hidden_dim=256, expansion=0.5, depth_mult=0.34, dim_feedforward=1024, head="dfine",
+                    num_decoder_layers=3, num_points_per_level=(3, 6, 3)),
 }
 
 
@@ -78,7 +97,8 @@ def rtdetr_config(backbone: str, num_classes: int, preset: str = "v2_s", **overr
 
 
 class RTDETR(nn.Module):
-    def __init__(self, cfg: RTDETRConfig, backbone: nn.Module, encoder: HybridEncoder, decoder: RTDETRDecoder):
+    def __init__(self, cfg: RTDETRConfig, backbone: nn.Module, encoder: HybridEncoder,
+                 decoder: RTDETRDecoder | DFineDecoder):
         super().__init__()
         self.cfg = cfg
         self.backbone, self.encoder, self.decoder = backbone, encoder, decoder
@@ -107,18 +127,61 @@ def _pair(size: Optional[int | Sequence[int]]) -> Optional[tuple[int, int]]:
     return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
+def check_head(cfg, prefix: str = "") -> None:
+    """The head and loss settings the reference implementations support; a ValueError naming the keys (with
+    `prefix`, e.g. "model.") otherwise. `cfg`: an `RTDETRConfig` or anything with its attributes (a recipe's model)."""
+    head, points = f"{prefix}head", f"{prefix}num_points_per_level"
+    if cfg.head not in HEADS:
+        raise ValueError(f"{head}={cfg.head!r} is not one of {', '.join(HEADS)}")
+    if cfg.class_loss not in CLASSIFICATION_LOSSES:
+        raise ValueError(f"{prefix}class_loss={cfg.class_loss!r} is not one of {', '.join(CLASSIFICATION_LOSSES)}")
+    if cfg.head == "rtdetrv2" and cfg.num_points_per_level is not None:
+        raise ValueError(f"{points} is a D-FINE setting: set {head}=dfine, or {prefix}num_points for rtdetrv2")
+    if cfg.head != "dfine":
+        return
+    if cfg.num_points_per_level is not None and len(cfg.num_points_per_level) != len(cfg.out_strides):
+        raise ValueError(f"{points}={list(cfg.num_points_per_level)} needs one entry per level of "
+                         f"{prefix}out_strides={list(cfg.out_strides)}")
+    if cfg.reg_max < 4 or cfg.reg_max % 2:
+        raise ValueError(f"{head}=dfine needs an even {prefix}reg_max of at least 4 (D-FINE: 32), got {cfg.reg_max}")
+    if cfg.reg_scale <= 0:
+        raise ValueError(f"{head}=dfine needs {prefix}reg_scale > 0 (D-FINE: 4), got {cfg.reg_scale}")
+    if cfg.init_from:
+        raise ValueError(f"{prefix}init_from loads RT-DETRv2 weights, which do not fit {head}=dfine: leave "
+                         f"{prefix}init_from unset with {head}=dfine")
+
+
 def build_rtdetr(cfg: RTDETRConfig) -> RTDETR:
+    check_head(cfg)
     backbone = create_feature_extractor(cfg.backbone, cfg.pretrained_backbone, cfg.backbone_checkpoint,
                                         tuple(cfg.out_strides))
     encoder = HybridEncoder(backbone.channels, cfg.hidden_dim, cfg.expansion, cfg.depth_mult, cfg.fusion_block,
                             cfg.downsample, cfg.encoder_attention, cfg.num_heads, cfg.dim_feedforward, cfg.dropout)
-    decoder = RTDETRDecoder(
-        cfg.num_classes, [cfg.hidden_dim] * len(backbone.channels), backbone.strides, cfg.hidden_dim,
-        cfg.num_queries, cfg.num_decoder_layers, cfg.num_heads, cfg.num_points, cfg.dim_feedforward, cfg.dropout,
-        cfg.num_denoising, cfg.label_noise_ratio, cfg.box_noise_scale, _pair(cfg.eval_spatial_size))
+    in_channels = [cfg.hidden_dim] * len(backbone.channels)
+    if cfg.head == "dfine":
+        points = cfg.num_points_per_level or [cfg.num_points] * len(in_channels)
+        decoder = DFineDecoder(
+            cfg.num_classes, in_channels, backbone.strides, cfg.hidden_dim, cfg.num_queries, cfg.num_decoder_layers,
+            cfg.num_heads, points, cfg.dim_feedforward, cfg.dropout, cfg.num_denoising, cfg.label_noise_ratio,
+            cfg.box_noise_scale, _pair(cfg.eval_spatial_size), cfg.reg_max, cfg.reg_scale)
+    else:
+        decoder = RTDETRDecoder(
+            cfg.num_classes, in_channels, backbone.strides, cfg.hidden_dim, cfg.num_queries, cfg.num_decoder_layers,
+            cfg.num_heads, cfg.num_points, cfg.dim_feedforward, cfg.dropout, cfg.num_denoising,
+            cfg.label_noise_ratio, cfg.box_noise_scale, _pair(cfg.eval_spatial_size))
     model = RTDETR(replace(cfg, eval_spatial_size=_pair(cfg.eval_spatial_size)), backbone, encoder, decoder)
     if cfg.init_from:
         from distill.detection.pretrained import load_detector_weights
 
         model.init_report = load_detector_weights(model, cfg.init_from)
     return model
+
+
+def build_criterion(cfg: RTDETRConfig) -> RTDETRCriterion:
+    """The training loss of the configured head, with its reference weights."""
+    check_head(cfg)
+    gamma = MAL_GAMMA if cfg.class_loss == "mal" else 2.0
+    if cfg.head == "dfine":
+        return DFINECriterion(cfg.num_classes, gamma=gamma, reg_max=cfg.reg_max, reg_scale=cfg.reg_scale,
+                              classification=cfg.class_loss)
+    return RTDETRCriterion(cfg.num_classes, gamma=gamma, classification=cfg.class_loss)
