@@ -238,7 +238,11 @@ BASELINES = {
     "labels": {"loss.kd_weight": 0.0, "loss.ce_weight": 1.0, "loss.label_smoothing": 0.1},
 }
 
+# torch.compile's modes ("lite" only in newer releases, so not offered)
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 PRETRAIN_CHOICES = {
+    "student.compile_mode": COMPILE_MODES,
+    "teacher.compile_mode": COMPILE_MODES,
     "baseline": (None, *BASELINES),
     "teacher.mode": ("online", "offline"),
     "data.generate": (None, "demo"),

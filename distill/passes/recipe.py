@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from distill.config import (
     BATCH,
+    COMPILE_MODES,
     MAX_CLASSES,
     MEAN_STD,
     RECIPE_DIR,
@@ -96,6 +97,7 @@ CURATE_CHOICES = {
     "precision": ("auto", "no", "bf16", "fp16"),
     "generate": (None, "demo"),
     "scorer.interpolation": (None, "bilinear", "bicubic"),
+    "scorer.compile_mode": COMPILE_MODES,
 }
 
 
@@ -179,7 +181,8 @@ class LabelConfig:
 
 
 LABEL_CHOICES = {"precision": ("auto", "no", "bf16", "fp16"), "generate": (None, "demo"),
-                 "view.targets": ("full", "topk"), "teacher.interpolation": (None, "bilinear", "bicubic")}
+                 "view.targets": ("full", "topk"), "teacher.interpolation": (None, "bilinear", "bicubic"),
+                 "teacher.compile_mode": COMPILE_MODES}
 
 
 LABEL_RANGES = {
