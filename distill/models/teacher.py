@@ -100,7 +100,7 @@ def create_teacher(
     """
     model = create_model(
         name, num_classes=None if pretrained and not checkpoint else num_classes,
-        pretrained=pretrained and not checkpoint, checkpoint=checkpoint,
+        pretrained=pretrained and not checkpoint, checkpoint=checkpoint, img_size=img_size,
     )
     spec = input_spec(model)
     if mean is not None or std is not None:
@@ -120,7 +120,7 @@ def count_flops(name: str, img_size: int, num_classes: Optional[int] = None) -> 
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
-        model = create_model(name, num_classes=num_classes).eval()
+        model = create_model(name, num_classes=num_classes, img_size=img_size).eval()
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(torch.empty(1, 3, img_size, img_size, device="meta"))
     return float(counter.get_total_flops())
