@@ -3,12 +3,12 @@ out on the patch grid), sources without classes, the dry-run plan, the errors a 
 run of the demo whose feature loss falls and whose export carries no projection head."""
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
 import subprocess
 import sys
+from copy import deepcopy
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -137,6 +137,11 @@ def test_student_taps_are_features_only_maps():
     assert taps.strides == [8, 16, 32] and taps.channels == features.feature_info.channels()
     for got, want in zip(maps, expected):
         torch.testing.assert_close(got, want)
+    # a deep copy (the EMA's) has taps of its own: its forwards never write into the original's maps
+    copy = deepcopy(student)
+    with torch.no_grad(), taps.capturing() as maps:
+        copy(x)
+    assert maps == [None, None, None]
 
 
 def feature_cfg(*overrides):

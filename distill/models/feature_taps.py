@@ -101,10 +101,21 @@ def is_token_model(model: nn.Module) -> bool:
     return hasattr(model, "patch_embed") and hasattr(model, "num_prefix_tokens")
 
 
+class _Keep:
+    """The forward hook of one tapped layer. An object, not a closure: a deep copy of the model (the EMA's)
+    then copies the taps with it instead of writing into the original's."""
+
+    def __init__(self, taps: "FeatureTaps", index: int):
+        self.taps, self.index = taps, index
+
+    def __call__(self, module, args, output):
+        if self.taps.active:
+            self.taps.maps[self.index] = self.taps.as_map(output[0] if isinstance(output, (tuple, list)) else output)
+
+
 class FeatureTaps:
     """Forward hooks on `points` of `model`: inside `capturing()`, each forward leaves the maps in `maps`
-    (in the order of `points`). Outside it the hooks do nothing, so evaluation and the EMA copy (which
-    deep-copies the hooks with the model) keep nothing."""
+    (in the order of `points`). Outside it the hooks do nothing, so evaluation keeps nothing."""
 
     def __init__(self, model: nn.Module, points: Sequence[FeaturePoint]):
         self.points = list(points)
@@ -117,10 +128,13 @@ class FeatureTaps:
         self._grid: tuple[int, int] = (0, 0)
         self._patch_embed = getattr(model, "patch_embed", None)
         modules = dict(model.named_modules())
+        missing = [p.module for p in self.points if p.module not in modules]
+        if missing:
+            raise ConfigError(f"{type(model).__name__} names feature layers {missing} that its classifier does not have")
         if self.tokens:  # the patch grid follows the input's side
             model.register_forward_pre_hook(self._note_input)
         for i, point in enumerate(self.points):
-            modules[point.module].register_forward_hook(self._keeper(i))
+            modules[point.module].register_forward_hook(_Keep(self, i))
 
     @property
     def channels(self) -> list[int]:
@@ -145,13 +159,7 @@ class FeatureTaps:
             self._grid = tuple(pe.dynamic_feat_size((h, w))) if hasattr(pe, "dynamic_feat_size") else \
                 (h // pe.patch_size[0], w // pe.patch_size[1])
 
-    def _keeper(self, index: int):
-        def keep(module, args, output):
-            if self.active:
-                self.maps[index] = self._as_map(output[0] if isinstance(output, (tuple, list)) else output)
-        return keep
-
-    def _as_map(self, x: torch.Tensor) -> torch.Tensor:
+    def as_map(self, x: torch.Tensor) -> torch.Tensor:
         if self.tokens and x.dim() == 3:
             if self.norm is not None:
                 x = self.norm(x)
