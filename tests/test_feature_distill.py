@@ -166,6 +166,21 @@ def test_one_training_step_moves_the_heads_and_the_student():
     assert head_grad is not None and head_grad.abs().sum() > 0
     assert student.get_classifier().weight.grad is not None  # the zero-weight logit term reaches the classifier
     assert all(p.grad is None for p in teacher.parameters())
+    # beside a logit term the feature term is added at its weight, with no zero-weight extra
+    cfg = feature_cfg("teacher.features=[-1]", "loss.kd_weight=1", "loss.feature_weight=0.5")
+    objective = FeatureObjective(cfg, create_model(cfg.student.name, num_classes=10), teacher)
+    both = objective.add_term({"loss": torch.tensor(2.0), "kd": torch.tensor(2.0)}, logits, student_maps, teacher_maps)
+    assert both["loss"].item() == pytest.approx(2.0 + 0.5 * both["feature"].item())
+
+
+def test_torchvision_students_have_their_stage_strides_measured():
+    student = create_model("torchvision/shufflenet_v2_x0_5", num_classes=10)
+    points = feature_points(student, "shufflenet")
+    assert [(p.module, p.stride) for p in points][-3:] == [("stage2", 8), ("stage3", 16), ("stage4", 32)]
+    taps = FeatureTaps(student, points_at_strides(points, [8, 16, 32], "s", "feature.strides"))
+    with torch.no_grad(), taps.capturing() as maps:
+        student.eval()(torch.zeros(1, 3, 64, 64))
+    assert [tuple(m.shape[1:]) for m in maps] == [(48, 8, 8), (96, 4, 4), (192, 2, 2)]
 
 
 # ---- errors, one line each --------------------------------------------------------------------------------
