@@ -21,6 +21,7 @@ import torch
 from distill.baseline import add_baseline, baseline_config, print_outcome
 from distill.cli import command
 from distill.config import ConfigError, load_pretrain_config, save_config
+from distill.data.labels import check_labels
 from distill.data.loader import build_eval_loader, build_train_loader
 from distill.data.mix import DataMix
 from distill.data.mixup import mixup_batch
@@ -37,9 +38,8 @@ from distill.engine.progress import ProgressBar, banner, describe_mix
 from distill.engine.rng import restore_rng, seed_everything, seed_process
 from distill.engine.run_dir import choose_run_dir
 from distill.engine.speed import auto_on_gpu
-from distill.data.labels import check_labels
-from distill.feature_objective import build_feature_objective, check_feature_config
 from distill.engine.state import ProcessState, Progress, load_pretrain_checkpoint, save_pretrain_checkpoint
+from distill.feature_objective import build_feature_objective, check_feature_config
 from distill.losses import distillation_loss, soften, stored_targets
 from distill.models.factory import create_model, input_spec, zero_classifier
 from distill.models.teacher import InputAdapter
