@@ -173,6 +173,19 @@ def test_one_training_step_moves_the_heads_and_the_student():
     assert both["loss"].item() == pytest.approx(2.0 + 0.5 * both["feature"].item())
 
 
+def test_a_vit_teacher_teaches_its_patch_grid_at_the_view_side():
+    cfg = feature_cfg("teacher.name=test_vit", "teacher.features=[-1]")
+    teacher = create_teacher("test_vit", False, None, 10, view_size=64)  # a fixed-side ViT built for 64 px views
+    student = create_model(cfg.student.name, num_classes=10)
+    objective = FeatureObjective(cfg, student, teacher)
+    logits, maps = objective.teacher_forward(torch.rand(2, 3, 64, 64))
+    assert logits.shape == (2, 10) and [tuple(m.shape) for m in maps] == [(2, 64, 4, 4)]
+    assert not maps[0].is_inference()  # usable in the student's loss
+    student_logits, student_maps = objective.student_forward(student, torch.rand(2, 3, 64, 64))
+    loss = objective.add_term({"loss": 0.0}, student_logits, student_maps, maps)["loss"]
+    assert torch.isfinite(loss) and loss.requires_grad
+
+
 def test_torchvision_students_have_their_stage_strides_measured():
     student = create_model("torchvision/shufflenet_v2_x0_5", num_classes=10)
     points = feature_points(student, "shufflenet")

@@ -98,7 +98,8 @@ def build_teacher(cfg, mix, accelerator, out: Path):
         if not broadcast_from_main(fitted):  # one decision for all processes
             logger.info("the teacher %s has no weights: training it on labels for %d steps first "
                         "(teacher.fit_steps; saved as %s)", t.name, t.fit_steps, checkpoint)
-            model = zero_classifier(create_model(t.name, num_classes=cfg.student.num_classes))
+            model = zero_classifier(create_model(t.name, num_classes=cfg.student.num_classes,
+                                                 img_size=cfg.data.img_size))  # a ViT: built for the views' side
             loader = build_train_loader(
                 mix, cfg.data.img_size, cfg.data.batch_size, cfg.data.num_workers, cfg.train.seed + 1,
                 total_samples=t.fit_steps * cfg.data.batch_size * accelerator.num_processes,
@@ -107,7 +108,7 @@ def build_teacher(cfg, mix, accelerator, out: Path):
             fit_supervised(model, loader, t.fit_steps, t.fit_lr, accelerator, Path(checkpoint), fingerprint,
                            cfg.train.seed + 1)
     teacher = create_teacher(t.name, t.pretrained and not checkpoint, checkpoint, cfg.student.num_classes,
-                             t.img_size, t.mean, t.std, t.interpolation)
+                             t.img_size, t.mean, t.std, t.interpolation, view_size=cfg.data.img_size)
     if cfg.loss.kd_weight and teacher.num_classes != cfg.student.num_classes:
         raise ConfigError(
             f"the teacher {t.name} predicts {teacher.num_classes} classes but student.num_classes="
