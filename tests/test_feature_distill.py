@@ -217,6 +217,8 @@ def test_student_strides_it_does_not_have_are_refused(tmp_path):
     ("teacher.features=[9]", r"teacher.features: teacher test_convnext has 4 feature layers .*index 9 is outside"),
     ("teacher.features=[1,2]", r"teacher.features=\[1, 2\] must name one teacher layer .* or one per entry"),
     ("teacher.mode=offline", r"loss.feature_weight needs teacher.mode=online"),
+    ("teacher.name=torchvision/resnet18", r"teacher torchvision/resnet18 has no feature maps to distil: it offers "
+                                          r"neither timm's features_only \(feature_info\) nor ViT patch tokens"),
 ])
 def test_feature_keys_the_models_cannot_meet_are_refused(override, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
