@@ -46,7 +46,11 @@ def print_outcome(cfg: DictConfig, summary: dict) -> None:
     if not PartialState().is_main_process:
         return
     teacher, student = summary.get("teacher_top1"), summary["student_ema_top1"]
-    how = "distilled" if cfg.loss.kd_weight else "labels only"
+    how = "distilled" if cfg.loss.kd_weight else "feature maps only" if cfg.loss.feature_weight else "labels only"
+    if student is None:  # no data.val_shards (a feature-only run trains no classifier)
+        print(f"student   {cfg.student.name}, {how}: no top-1 measured (data.val_shards is not set); "
+              f"the losses are in {Path(cfg.output_dir) / 'metrics.jsonl'}", flush=True)
+        return
     rows = [("teacher", cfg.teacher.name, teacher, "")] if teacher is not None else []
     rows.append(("student", f"{cfg.student.name}, {how}", student,
                  f"(EMA weights; {student / teacher:.1%} of the teacher)" if teacher else "(EMA weights)"))

@@ -68,6 +68,11 @@ class TeacherConfig:
     # first (the embedded demo); 0 refuses to distil from a random teacher.
     fit_steps: int = 0
     fit_lr: float = 0.002
+    fit_mix: Optional[str] = None  # the labelled mix the teacher is fitted on (default: data.mix)
+    # Feature distillation (loss.feature_weight > 0): the teacher's layers whose maps the student learns, as
+    # indices into its features_only layers (a ViT's: its blocks), negative from the deepest. One index serves
+    # every student stride; otherwise one per entry of feature.strides, in order.
+    features: list[int] = field(default_factory=lambda: [-1])
 
 
 @dataclass
@@ -107,6 +112,16 @@ class LossConfig:
     kd_weight: float = 1.0
     ce_weight: float = 0.0  # optional cross-entropy on hard labels
     label_smoothing: float = 0.0
+    feature_weight: float = 0.0  # > 0: distil the teacher's feature maps too (kd_weight 0: feature maps alone)
+    feature_loss: str = "cosine"  # cosine | smooth_l1 | mse, see distill/feature_losses.py
+
+
+@dataclass
+class FeatureConfig:
+    """Feature distillation: which student maps learn the teacher's (see distill/feature_objective.py)."""
+
+    strides: list[int] = field(default_factory=lambda: [8, 16, 32])  # the student's maps a detector consumes
+    grid: Optional[int] = None  # side of the grid the losses compare on; default: each teacher map's own
 
 
 @dataclass
@@ -153,6 +168,7 @@ class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    feature: FeatureConfig = field(default_factory=FeatureConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
@@ -235,7 +251,7 @@ MEAN_STD = Range(0.0, 1e3, lo_open=True, length=3)  # per RGB channel; a zero st
 # only: cross-entropy with the label smoothing of supervised recipes (timm's, and the teacher fit's, 0.1) on the
 # (mixed) labels of the same views.
 BASELINES = {
-    "labels": {"loss.kd_weight": 0.0, "loss.ce_weight": 1.0, "loss.label_smoothing": 0.1},
+    "labels": {"loss.kd_weight": 0.0, "loss.ce_weight": 1.0, "loss.label_smoothing": 0.1, "loss.feature_weight": 0.0},
 }
 
 # torch.compile's modes ("lite" only in newer releases, so not offered)
@@ -248,6 +264,7 @@ PRETRAIN_CHOICES = {
     "data.generate": (None, "demo"),
     "teacher.interpolation": (None, "bilinear", "bicubic"),
     "train.precision": ("auto", "no", "bf16", "fp16"),
+    "loss.feature_loss": ("cosine", "smooth_l1", "mse"),
 }
 PRETRAIN_RANGES = {
     "student.num_classes": at_least(1, MAX_CLASSES),
@@ -278,6 +295,10 @@ PRETRAIN_RANGES = {
     "loss.kd_weight": at_least(0),
     "loss.ce_weight": at_least(0),
     "loss.label_smoothing": FRACTION,
+    "loss.feature_weight": at_least(0),
+    "feature.strides": Range(1, MAX_SIDE, min_length=1),
+    "feature.grid": SIDE,
+    "teacher.features": Range(-MAX_SIDE, MAX_SIDE, min_length=1),
     "train.epochs": above(0),
     "train.steps": at_least(1),
     "train.seed": SEED,

@@ -93,7 +93,8 @@ def main(argv=None, teacher=None) -> dict:
            details={"mix": describe_mix(mix), "views": f"{len(units)} units ({len(todo)} on this process), replicas "
                     f"{replicas}, {cfg.view.img_size} px, JPEG quality {cfg.view.quality}, top-{cfg.view.topk}"})
     render = ViewRender({s.name: s.augment for s in mix.sources}, {s.name: s.mixup for s in mix.sources},
-                        cfg.view.img_size, cfg.view.quality, cfg.batch_size, cfg.seed)
+                        cfg.view.img_size, cfg.view.quality, cfg.batch_size, cfg.seed,
+                        {s.name: s.labelled for s in mix.sources})
     work = label_units(todo, render, teacher, accelerator, out, LabelRecords(out, rank), cfg.view.topk,
                        cfg.teacher.num_classes, cfg.num_workers, cfg.view.meta, cfg.view.targets)
     work = gather_object([work])  # also waits for every process

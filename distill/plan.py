@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
+from distill.data.labels import check_labels
 from distill.data.shards import read_manifest
 from distill.engine.ema import decay_at, steps_to_reach
 from distill.errors import ConfigError
@@ -174,19 +175,24 @@ def plan_run(cfg, processes: int) -> dict:
     reached = steps_to_reach(decay, ema_warmup)
     notes = []
 
-    teacher_runs = not offline and bool(cfg.loss.kd_weight)
-    t_side = t_interp = t_gflops = t_gflops_view = None
+    check_labels(cfg, mix, DataMix.load(cfg.teacher.fit_mix, cfg.data.root) if cfg.teacher.fit_mix else None)
+    teacher_runs = not offline and bool(cfg.loss.kd_weight or cfg.loss.feature_weight)
+    t_side = t_interp = t_gflops = t_gflops_view = features = None
     if teacher_runs:
         t_side, t_interp, head = teacher_geometry(cfg.teacher, cfg.data.img_size, cfg.student.num_classes)
         t_gflops = gflops(cfg.teacher.name, t_side, head)
         t_gflops_view = gflops(cfg.teacher.name, cfg.data.img_size, head)
+    samples = total * global_batch
+    if cfg.loss.feature_weight:
+        from distill.feature_plan import feature_plan
+
+        features = feature_plan(cfg, t_side or cfg.data.img_size, head if teacher_runs else None, images, samples)
     s_gflops = gflops(cfg.student.name, cfg.data.img_size, cfg.student.num_classes)
     if offline:
         for name, side in stored_view_sizes(mix).items():
             if side and side != cfg.data.img_size:
                 notes.append(f"source {name}: stored views are {side} px, the student trains at "
                              f"{cfg.data.img_size} px; the run will refuse them")
-    samples = total * global_batch
     if reached >= total:
         notes.append(f"the EMA reaches its decay {decay} only at step {reached:,}, after the run's {total:,} steps")
     return {
@@ -217,6 +223,7 @@ def plan_run(cfg, processes: int) -> dict:
         "teacher_pflops": round(t_gflops * samples / 1e6, 1) if t_gflops else (0.0 if not teacher_runs else None),
         "data_mix": str(mix.path),
         "source_shares": shares(mix),
+        "features": features,
         "notes": notes,
     }
 
@@ -245,6 +252,10 @@ def describe_run(plan: dict) -> list[str]:
             + f"; {_g(p['teacher_pflops'])} PFLOPs over the run")
     else:
         lines.append("  teacher  none in the loop" + (" (stored labels)" if p["mode"] == "offline" else ""))
+    if p.get("features"):
+        from distill.feature_plan import describe_features
+
+        lines += describe_features(p["features"], p["teacher_img_size"])
     mix = p["source_shares"]
     lines.append(f"  mix      {p['data_mix']}: " + "; ".join(
         f"{at} " + " ".join(f"{n} {w:.0%}" for n, w in mix[at].items()) for at in ("start", "middle", "end")))

@@ -21,6 +21,7 @@ import torch
 from distill.baseline import add_baseline, baseline_config, print_outcome
 from distill.cli import command
 from distill.config import ConfigError, load_pretrain_config, save_config
+from distill.data.labels import check_labels
 from distill.data.loader import build_eval_loader, build_train_loader
 from distill.data.mix import DataMix
 from distill.data.mixup import mixup_batch
@@ -39,6 +40,7 @@ from distill.engine.rng import restore_rng, seed_everything, seed_process
 from distill.engine.run_dir import choose_run_dir
 from distill.engine.speed import auto_on_gpu
 from distill.engine.state import ProcessState, Progress, load_pretrain_checkpoint, save_pretrain_checkpoint
+from distill.feature_objective import build_feature_objective, check_feature_config
 from distill.losses import distillation_loss, soften, stored_targets
 from distill.models.factory import create_model, input_spec, zero_classifier
 from distill.models.teacher import InputAdapter
@@ -86,11 +88,14 @@ def train(cfg, writer: CheckpointWriter) -> dict:
                           f"set mixup on {[n for n, m in zip(mix.source_names, mix.mixup_flags) if m]}")
     if offline:
         check_stored_views(mix, cfg.data.img_size)
+    check_labels(cfg, mix, DataMix.load(cfg.teacher.fit_mix, cfg.data.root) if cfg.teacher.fit_mix else None)
+    check_feature_config(cfg)
     total_steps, global_batch, warmup = plan_steps(cfg, mix, world)
     if accelerator.is_main_process:
         save_config(cfg, out / "config.yaml")
     seed_everything(cfg.train.seed)
     teacher = None if offline or not cfg.loss.kd_weight else build_teacher(cfg, mix, accelerator, out)
+    feature_teacher = teacher or (build_teacher(cfg, mix, accelerator, out) if cfg.loss.feature_weight else None)
     seed_everything(cfg.train.seed)  # the student starts alike on every process, however the teacher was made
     student = create_model(
         cfg.student.name, cfg.student.num_classes, cfg.student.pretrained,
@@ -98,6 +103,7 @@ def train(cfg, writer: CheckpointWriter) -> dict:
     )
     if not (cfg.student.pretrained or cfg.student.checkpoint):
         zero_classifier(student)
+    features = build_feature_objective(cfg, student, feature_teacher)  # its heads join the student here
     student_input = InputAdapter(input_spec(student)).to(device)
     if cfg.student.channels_last:
         student = student.to(memory_format=torch.channels_last)
@@ -116,7 +122,8 @@ def train(cfg, writer: CheckpointWriter) -> dict:
         progress, mine = load_pretrain_checkpoint(resume_from, accelerator, student, ema, optimizer, scheduler,
                                                   loader_shape)
         mine.loader_shape = loader_shape
-        match_gradient_buckets(student, lambda: student(example_batch(cfg, device)))
+        match_gradient_buckets(student, lambda: features.example_outputs(student, example_batch(cfg, device))
+                               if features else student(example_batch(cfg, device)))
     loader = build_train_loader(
         mix, cfg.data.img_size, cfg.data.batch_size, cfg.data.num_workers, cfg.train.seed,
         total_samples=total_steps * global_batch, origin=progress.samples, rank=rank, world_size=world,
@@ -127,12 +134,12 @@ def train(cfg, writer: CheckpointWriter) -> dict:
     step_parts = StepParts(accelerator, student, student_input, teacher, optimizer, scheduler, ema,
                            UpdateGuard(accelerator, optimizer, cfg.train.max_bad_steps, progress.bad_steps,
                                        progress.bad_in_row),
-                           torch.tensor(mix.mixup_flags, device=device), offline)
+                           torch.tensor(mix.mixup_flags, device=device), offline, features)
     key_log = (out / f"keys-rank{rank}.tsv").open("a") if cfg.data.record_keys else None
     start_trackers(accelerator, cfg)
     banner(accelerator, cfg.recipe, out, steps=total_steps, steps_per_epoch=epoch_steps(cfg, mix, global_batch),
            batch_size=cfg.data.batch_size, grad_accum=cfg.optim.grad_accum,
-           models={f"student {cfg.student.name}": student, f"teacher {cfg.teacher.name}": teacher},
+           models={f"student {cfg.student.name}": student, f"teacher {cfg.teacher.name}": feature_teacher},
            details={"data": f"mix {describe_mix(mix)}; {cfg.data.img_size} px", "teacher": describe_teacher(cfg)})
     if mine.rng:
         restore_rng(mine.rng)
@@ -223,6 +230,7 @@ class StepParts:
     guard: UpdateGuard
     mixup_sources: torch.Tensor  # bool per source: mixup applies to its samples
     offline: bool
+    features: object = None  # FeatureObjective (loss.feature_weight > 0), with its own teacher, or None
 
 
 def distill_step(p: StepParts, micro_batches: list[dict], cfg, step: int) -> tuple[dict, torch.Tensor]:
@@ -241,17 +249,27 @@ def distill_step(p: StepParts, micro_batches: list[dict], cfg, step: int) -> tup
             if p.offline:  # stored views were mixed when labelled: their partner's label and weight come along
                 targets, partner_labels, lam = stored_targets(batch, cfg.student.num_classes, cfg.loss.temperature,
                                                               device)
+            elif p.features is not None:  # one teacher pass: its maps, and its logits for a logit term
+                with accelerator.autocast():
+                    teacher_logits, teacher_maps = p.features.teacher_forward(images)
+                targets = soften(teacher_logits, cfg.loss.temperature) if p.teacher is not None else None
             elif p.teacher is not None:
                 with accelerator.autocast():
                     targets = soften(p.teacher(images), cfg.loss.temperature)
             else:
                 targets = None
             with accelerator.autocast():
-                logits = p.student(p.student_input(images))
+                if p.features is None:
+                    logits = p.student(p.student_input(images))
+                else:
+                    logits, student_maps = p.features.student_forward(p.student, p.student_input(images))
             terms = distillation_loss(
                 logits, targets, labels, partner_labels, lam, cfg.loss.temperature,
                 cfg.loss.kd_weight, cfg.loss.ce_weight, cfg.loss.label_smoothing,
             )
+            if p.features is not None:
+                with accelerator.autocast():
+                    terms = p.features.add_term(terms, logits, student_maps, teacher_maps)
             accelerator.backward(terms["loss"])
     grad_norm = accelerator.clip_grad_norm_(p.student.parameters(), cfg.optim.clip_grad or float("inf"))
     p.guard.step(terms["loss"], grad_norm)

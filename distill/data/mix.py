@@ -10,6 +10,8 @@ A mix is a YAML file (`data_mixes/NAME.yaml`, or any path):
       - {at: 1.0, weights: {d1: 1, d2: 1}}
 
 Shard paths resolve against the data root. With a schedule, the sources' own `weight`s are not used.
+A source of images without classes says `labelled: false`: its samples need no `cls` entry and carry label -1
+(a run that trains on labels refuses it at start, see `distill.data.labels`).
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ logger = logging.getLogger(__name__)
 MIX_DIR = packaged_dir("data_mixes")
 
 _MIX_KEYS = {"sources", "schedule", "description"}
-_SOURCE_KEYS = {"shards", "augment", "weight", "mixup"}
+_SOURCE_KEYS = {"shards", "augment", "weight", "mixup", "labelled"}
 _POINT_KEYS = {"at", "weights"}
 
 
@@ -46,6 +48,7 @@ class Source:
     augment: dict[str, Any]  # {"name": preset, **params}
     weight: float = 1.0
     mixup: bool = False
+    labelled: bool = True  # false: images without classes, each sample's label is UNLABELLED
 
 
 @dataclass
@@ -114,7 +117,10 @@ class DataMix:
             mixup = spec.get("mixup", False)
             if not isinstance(mixup, bool):
                 fail(f"{key}.mixup", f"expected true or false, got {mixup!r}")
-            sources.append(Source(str(name), shards, dict(augment), weight, mixup))
+            labelled = spec.get("labelled", True)
+            if not isinstance(labelled, bool):
+                fail(f"{key}.labelled", f"expected true or false, got {labelled!r}")
+            sources.append(Source(str(name), shards, dict(augment), weight, mixup, labelled))
 
         names = [s.name for s in sources]
         schedule = None
@@ -133,6 +139,10 @@ class DataMix:
     @property
     def mixup_flags(self) -> list[bool]:
         return [s.mixup for s in self.sources]
+
+    @property
+    def unlabelled_sources(self) -> list[str]:
+        return [s.name for s in self.sources if not s.labelled]
 
     def source(self, name: str) -> Source:
         for s in self.sources:

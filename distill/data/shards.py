@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 SOFT_LABELS = "soft.npy"  # offline teacher labels: one record, see distill.data.soft_labels
+UNLABELLED = -1  # the label of a sample from a source declared without classes (`labelled: false` in a mix)
 
 
 class CorruptSampleError(ValueError):
@@ -81,11 +82,12 @@ def write_shards(
             data = image if isinstance(image, (bytes, bytearray)) else encode_jpeg(image, quality)
             sink.write({"__key__": str(key), "jpg": bytes(data), "cls": str(int(label)).encode()})
             per_shard[sink.fname] = per_shard.get(sink.fname, 0) + 1
-            class_counts[int(label)] += 1
+            if int(label) != UNLABELLED:
+                class_counts[int(label)] += 1
     if not per_shard:
         Path(first).unlink(missing_ok=True)
     shards = [Path(p) for p in per_shard]
-    labels = [c for c in class_counts if c >= 0]
+    labels = list(class_counts)
     manifest = {
         "num_samples": int(sum(per_shard.values())),
         "num_classes": (max(labels) + 1) if labels else 0,
@@ -303,12 +305,16 @@ def iter_shard(url: str, on_error: Callable[[Exception], bool]) -> Iterator[dict
     return tarfile_samples([{"url": url}], handler=on_error)
 
 
-def sample_image(sample: dict) -> tuple[bytes, int]:
-    """A raw sample -> (encoded image bytes, class index). Raises CorruptSampleError naming the sample."""
+def sample_image(sample: dict, labelled: bool = True) -> tuple[bytes, int]:
+    """A raw sample -> (encoded image bytes, class index). Raises CorruptSampleError naming the sample.
+    From an unlabelled source every label is UNLABELLED, whether or not the sample has a `cls` entry: the
+    source was declared to carry no classes, so none is read."""
     data = sample.get("jpg", sample.get("jpeg", sample.get("png")))
     if data is None:
         entries = sorted(k for k in sample if not k.startswith("__"))
         raise CorruptSampleError(f"{_where(sample)}: no jpg/png entry (has {entries})")
+    if not labelled:
+        return data, UNLABELLED
     try:
         label = int(sample["cls"])
     except (KeyError, ValueError) as exc:
@@ -316,21 +322,22 @@ def sample_image(sample: dict) -> tuple[bytes, int]:
     return data, label
 
 
-def decode_sample(sample: dict) -> tuple[np.ndarray, int]:
+def decode_sample(sample: dict, labelled: bool = True) -> tuple[np.ndarray, int]:
     """A raw sample -> (HWC uint8 RGB image, class index). Raises CorruptSampleError naming the sample."""
-    data, label = sample_image(sample)
+    data, label = sample_image(sample, labelled)
     try:
         return decode_rgb(data), label
     except DecodeError as exc:
         raise CorruptSampleError(f"{_where(sample)}: {exc}") from None
 
 
-def decode_augmented(sample: dict, augment: Callable[[bytes], np.ndarray]) -> tuple[np.ndarray, int]:
+def decode_augmented(sample: dict, augment: Callable[[bytes], np.ndarray], labelled: bool = True
+                     ) -> tuple[np.ndarray, int]:
     """A raw sample -> (augmented CHW uint8 image, class index), letting `augment` (a
     `distill.data.augment.Augment`) decode only what its crop needs. Same output as
     `augment(decode_sample(sample)[0])` except where the crop allowed a reduced-scale decode.
     Raises CorruptSampleError naming the sample."""
-    data, label = sample_image(sample)
+    data, label = sample_image(sample, labelled)
     try:
         return augment(data), label
     except DecodeError as exc:

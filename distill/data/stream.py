@@ -220,6 +220,7 @@ class MixedStream(IterableDataset):
         augments = [create_augment(src.augment["name"], self.img_size, seed=0,
                                    **{k: v for k, v in src.augment.items() if k != "name"})
                     for src in self.mix.sources]
+        labelled = [src.labelled for src in self.mix.sources]
         st = {"reader": reader, "readers": readers, "origin": origin, "local": 0, "skipped": 0, "reported": 0,
               "cursors": cursors}
         if resume:
@@ -242,7 +243,7 @@ class MixedStream(IterableDataset):
                 try:
                     soft = decode_soft_labels(sample) if self.soft_labels else None
                     augments[s].reseed(mix_seed(seed, reader, i, attempt))
-                    chw, label = decode_augmented(sample, augments[s])  # decodes only what the crop needs
+                    chw, label = decode_augmented(sample, augments[s], labelled[s])  # decodes only what the crop needs
                     break
                 except Exception as exc:  # one bad sample never ends a run; it is counted instead
                     skips(exc)

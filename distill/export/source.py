@@ -19,6 +19,7 @@ from distill.engine.checkpoint import (
     resolve_checkpoint,
 )
 from distill.models.factory import create_model, read_state_dict
+from distill.models.projection import without_projection_heads
 
 WEIGHTS = ("ema", "student")
 
@@ -59,7 +60,7 @@ def load_student(
         if obj.get(weights) is None:
             present = [w for w in WEIGHTS if obj.get(w) is not None]
             raise CheckpointMismatch(f"{path} holds no {weights!r} weights (it has: {', '.join(present) or 'none'})")
-        state = obj[weights]
+        state = without_projection_heads(obj[weights])  # feature distillation's heads are not the student's
         step = (obj.get("progress") or {}).get("step")
         summary_file = path.parent / "summary.json"
         if summary_file.exists():

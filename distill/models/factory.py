@@ -16,6 +16,7 @@ from torch import nn
 
 from distill.engine.checkpoint import CheckpointMismatch, load_checkpoint, load_state_strict
 from distill.errors import ConfigError
+from distill.models.projection import without_projection_heads
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -49,9 +50,20 @@ class InputSpec:
     interpolation: str = "bicubic"  # how its training data were resized
 
 
+def fixed_input_size(name: str) -> bool:
+    """Whether timm builds `name` for one input side only (ViTs: a position embedding per patch of that side)."""
+    try:
+        cfg = timm.get_pretrained_cfg(name)
+    except Exception:  # an unknown name fails later, where create_model names it
+        return False
+    return bool(cfg and cfg.fixed_input_size)
+
+
 @register_source("timm")
-def _timm_model(name, num_classes, pretrained, drop_rate, drop_path_rate):
+def _timm_model(name, num_classes, pretrained, drop_rate, drop_path_rate, img_size=None):
     kwargs = {"drop_rate": drop_rate}
+    if img_size and fixed_input_size(name):  # timm resamples the position embedding of hub weights to it
+        kwargs["img_size"] = img_size
     if drop_path_rate:
         kwargs["drop_path_rate"] = drop_path_rate
     if num_classes is not None:
@@ -73,7 +85,7 @@ class _DropoutLinear(nn.Linear):
 
 
 @register_source("torchvision")
-def _torchvision_model(name, num_classes, pretrained, drop_rate, drop_path_rate):
+def _torchvision_model(name, num_classes, pretrained, drop_rate, drop_path_rate, img_size=None):
     import torchvision
 
     if drop_path_rate:
@@ -94,11 +106,13 @@ def create_model(
     drop_rate: float = 0.0,
     drop_path_rate: float = 0.0,
     checkpoint: Optional[str] = None,
+    img_size: Optional[int] = None,
 ) -> nn.Module:
-    """Build a classifier; `checkpoint` (a run checkpoint, state dict or exported folder) is loaded strictly."""
+    """Build a classifier; `checkpoint` (a run checkpoint, state dict or exported folder) is loaded strictly.
+    `img_size` builds a model of fixed input side (a ViT) for that side; other models take any side anyway."""
     source, model_name = split_name(name)
     try:
-        model = _SOURCES[source](model_name, num_classes, pretrained, drop_rate, drop_path_rate)
+        model = _SOURCES[source](model_name, num_classes, pretrained, drop_rate, drop_path_rate, img_size)
     except (RuntimeError, ValueError) as e:  # timm: RuntimeError, torchvision: ValueError
         if "Unknown model" in str(e) or "Unknown model" in repr(e):
             raise ConfigError(f"unknown model {name!r} (timm.list_models() lists timm's; "
@@ -142,7 +156,7 @@ def read_state_dict(path: str | Path, prefer: str = "ema") -> dict:
     if isinstance(obj, dict) and ("student" in obj or "ema" in obj):
         other = "student" if prefer == "ema" else "ema"
         state = obj.get(prefer) or obj.get(other)
-        return state
+        return without_projection_heads(state)  # feature distillation's heads are training-only
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         return obj["model"]
     if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -91,16 +91,19 @@ def create_teacher(
     mean: Optional[Sequence[float]] = None,
     std: Optional[Sequence[float]] = None,
     interpolation: Optional[str] = None,
+    view_size: Optional[int] = None,
 ) -> FrozenTeacher:
     """A timm / torchvision classifier by name, with hub weights or a local checkpoint.
 
     With hub weights the head keeps its own class count (a mismatch with the student is caught by the
     caller); a local checkpoint is built with `num_classes` and loaded strictly. The side defaults as
-    `teacher_input_size` says, the interpolation as `InputAdapter` says.
+    `teacher_input_size` says, the interpolation as `InputAdapter` says. A model built for one side only (a
+    ViT) is built for the side it will run at: `img_size`, else its own (hub weights) or `view_size`.
     """
+    hub = pretrained and not checkpoint
     model = create_model(
-        name, num_classes=None if pretrained and not checkpoint else num_classes,
-        pretrained=pretrained and not checkpoint, checkpoint=checkpoint,
+        name, num_classes=None if hub else num_classes, pretrained=hub, checkpoint=checkpoint,
+        img_size=img_size or (None if hub else view_size),
     )
     spec = input_spec(model)
     if mean is not None or std is not None:
@@ -120,7 +123,7 @@ def count_flops(name: str, img_size: int, num_classes: Optional[int] = None) -> 
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
-        model = create_model(name, num_classes=num_classes).eval()
+        model = create_model(name, num_classes=num_classes, img_size=img_size).eval()
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(torch.empty(1, 3, img_size, img_size, device="meta"))
     return float(counter.get_total_flops())

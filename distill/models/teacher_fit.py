@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from distill.data.loader import build_train_loader
+from distill.data.mix import DataMix
 from distill.engine.checkpoint import atomic_save, load_checkpoint
 from distill.engine.distributed import broadcast_from_main
 from distill.engine.rng import seed_process
@@ -78,7 +79,9 @@ def fit_supervised(model, loader, steps: int, lr: float, accelerator, out_path: 
 
 
 def build_teacher(cfg, mix, accelerator, out: Path):
-    """The configured teacher; with no weights and `teacher.fit_steps`, one trained on labels first."""
+    """The configured teacher; with no weights and `teacher.fit_steps`, one trained on labels first (of
+    `teacher.fit_mix`, default the run's mix). Its class count must be the student's when it teaches logits
+    (`loss.kd_weight`); a teacher of feature maps alone may have any head, or none (DINOv2's)."""
     t = cfg.teacher
     checkpoint = t.checkpoint
     if not checkpoint and not t.pretrained:
@@ -88,12 +91,15 @@ def build_teacher(cfg, mix, accelerator, out: Path):
                 "or teacher.fit_steps=N to train one on labels first"
             )
         checkpoint = str(out / "teacher.pt")
+        if t.fit_mix:
+            mix = DataMix.load(t.fit_mix, cfg.data.root)
         fingerprint = fit_fingerprint(cfg, mix, accelerator.num_processes)
         fitted = _fitted_with(Path(checkpoint), fingerprint) if accelerator.is_main_process else None
         if not broadcast_from_main(fitted):  # one decision for all processes
             logger.info("the teacher %s has no weights: training it on labels for %d steps first "
                         "(teacher.fit_steps; saved as %s)", t.name, t.fit_steps, checkpoint)
-            model = zero_classifier(create_model(t.name, num_classes=cfg.student.num_classes))
+            model = zero_classifier(create_model(t.name, num_classes=cfg.student.num_classes,
+                                                 img_size=cfg.data.img_size))  # a ViT: built for the views' side
             loader = build_train_loader(
                 mix, cfg.data.img_size, cfg.data.batch_size, cfg.data.num_workers, cfg.train.seed + 1,
                 total_samples=t.fit_steps * cfg.data.batch_size * accelerator.num_processes,
@@ -102,8 +108,8 @@ def build_teacher(cfg, mix, accelerator, out: Path):
             fit_supervised(model, loader, t.fit_steps, t.fit_lr, accelerator, Path(checkpoint), fingerprint,
                            cfg.train.seed + 1)
     teacher = create_teacher(t.name, t.pretrained and not checkpoint, checkpoint, cfg.student.num_classes,
-                             t.img_size, t.mean, t.std, t.interpolation)
-    if teacher.num_classes != cfg.student.num_classes:
+                             t.img_size, t.mean, t.std, t.interpolation, view_size=cfg.data.img_size)
+    if cfg.loss.kd_weight and teacher.num_classes != cfg.student.num_classes:
         raise ConfigError(
             f"the teacher {t.name} predicts {teacher.num_classes} classes but student.num_classes="
             f"{cfg.student.num_classes}; they must agree"
@@ -117,7 +123,7 @@ def describe_teacher(cfg) -> str:
     t = cfg.teacher
     if t.mode == "offline":
         return f"offline: stored soft labels of mix {cfg.data.mix}, at temperature {cfg.loss.temperature}"
-    if not cfg.loss.kd_weight:
+    if not cfg.loss.kd_weight and not cfg.loss.feature_weight:
         return "none (loss.kd_weight=0: labels only)"
     if t.checkpoint:
         source = f"weights from {t.checkpoint}"
@@ -125,4 +131,8 @@ def describe_teacher(cfg) -> str:
         source = "hub weights"
     else:
         source = f"trained on labels for {t.fit_steps} steps first (teacher.fit_steps)"
-    return f"online, {source}; temperature {cfg.loss.temperature}, kd_weight {cfg.loss.kd_weight}"
+    taught = [f"logits at temperature {cfg.loss.temperature}, kd_weight {cfg.loss.kd_weight}"] if cfg.loss.kd_weight else []
+    if cfg.loss.feature_weight:
+        taught.append(f"feature maps of layers {list(t.features)} at student strides {list(cfg.feature.strides)}, "
+                      f"{cfg.loss.feature_loss}, feature_weight {cfg.loss.feature_weight}")
+    return f"online, {source}; " + "; ".join(taught)

@@ -33,7 +33,8 @@ class UnitFile:
             sample["json"] = json.dumps(meta, separators=(",", ":")).encode()
         self._tar.write(sample)
         self.views += 1
-        self.class_counts[int(label)] = self.class_counts.get(int(label), 0) + 1
+        if int(label) >= 0:  # views of unlabelled sources (label -1) have no class to count
+            self.class_counts[int(label)] = self.class_counts.get(int(label), 0) + 1
 
     def commit(self) -> int:
         """Close, flush to disk and rename into place; returns the file's size in bytes."""

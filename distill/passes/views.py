@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import zlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import cv2
 import numpy as np
@@ -55,8 +55,9 @@ class ViewRender:
     "key", "partner_key", "partner_label", "lam"}."""
 
     def __init__(self, augments: dict[str, dict], mixup: dict[str, bool], img_size: int, quality: int,
-                 batch_size: int, seed: int):
+                 batch_size: int, seed: int, labelled: Optional[dict[str, bool]] = None):
         self.augments, self.mixup = augments, mixup
+        self.labelled = labelled or {}  # a source named False here has no classes: its views get label -1
         self.img_size, self.quality, self.batch_size, self.seed = img_size, quality, batch_size, seed
 
     def __call__(self, unit: ViewUnit) -> Iterator[dict]:
@@ -68,7 +69,7 @@ class ViewRender:
         views, labels, keys, reported = [], [], [], 0
         for sample in iter_shard(unit.shard, skips):
             try:
-                image, label = decode_sample(sample)
+                image, label = decode_sample(sample, self.labelled.get(unit.source, True))
             except CorruptSampleError as e:
                 skips(e)
                 continue
