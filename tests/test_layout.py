@@ -1,5 +1,5 @@
-"""Imports run downwards only: errors -> engine -> config -> data -> models -> detection / passes / plan -> export ->
-entry points. Every import counts, those inside functions too, so a circle cannot hide in a late import."""
+"""Imports run downwards only: errors -> engine -> config / losses -> data -> models -> detection / passes / plan /
+feature objective -> export -> entry points. Every import counts, those inside functions too, so a circle cannot hide in a late import."""
 from __future__ import annotations
 
 import ast
@@ -11,10 +11,11 @@ PACKAGE = Path(__file__).resolve().parent.parent / "distill"
 FLOORS = [
     ["distill.errors"],
     ["distill.engine"],
-    ["distill.config", "distill.losses"],
+    ["distill.config", "distill.losses", "distill.feature_losses"],
     ["distill.data"],
     ["distill.models"],
-    ["distill.detection", "distill.passes", "distill.plan", "distill.baseline"],
+    ["distill.detection", "distill.passes", "distill.plan", "distill.baseline", "distill.feature_objective",
+     "distill.feature_plan"],
     ["distill.export"],
     ["distill.cli", "distill.commands", "distill.pretrain", "distill.finetune_det", "distill.curate",
      "distill.label_views", "distill.export.__main__", "distill.predict"],
