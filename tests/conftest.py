@@ -7,3 +7,16 @@ import torch
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
+
+
+# Files whose tests launch whole runs, longest first. The suite runs on two pytest-xdist workers with a file's
+# tests on one worker (module fixtures are shared runs); starting the long files first lets both workers end
+# together instead of one finishing a ten-minute file alone.
+LONG_FIRST = ["test_demo.py", "test_cluster.py", "test_pretrain.py", "test_entry_points.py", "test_offline.py",
+              "test_det_cluster.py", "test_det_train.py", "test_curate.py", "test_det_model_train.py",
+              "test_feature_distill.py", "test_packaging.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FIRST)))  # stable: the rest keep their order

@@ -93,6 +93,22 @@ class QuerySelection:
             return self.eval_anchors.to(memory.dtype), self.eval_valid
         return generate_anchors(spatial_shapes, device=memory.device, dtype=memory.dtype)
 
+    def start_queries(self, feats: Sequence[torch.Tensor], targets: Optional[list[dict]]):
+        """The decoder's input: the projected maps as one memory, and the selected queries (content, box logits)
+        with the denoising queries in front of them in training; also `select_queries`' encoder predictions and
+        the denoising group (or None). Needs `input_proj` and the denoising settings on the module too."""
+        maps = [proj(f) for proj, f in zip(self.input_proj, feats)]
+        spatial_shapes = [(int(m.shape[2]), int(m.shape[3])) for m in maps]
+        memory = torch.cat([m.flatten(2).transpose(1, 2) for m in maps], dim=1)
+        content, box_logits, enc_outputs = self.select_queries(memory, spatial_shapes)
+        dn = None
+        if self.training and targets is not None and self.num_denoising > 0:
+            dn = build_denoising_queries(targets, self.denoising_class_embed, self.num_classes, self.num_queries,
+                                         self.num_denoising, self.label_noise_ratio, self.box_noise_scale)
+            content = torch.cat([dn.content.to(content.dtype), content], dim=1)
+            box_logits = torch.cat([dn.boxes_logit.to(box_logits.dtype), box_logits], dim=1)
+        return memory, spatial_shapes, content, box_logits, enc_outputs, dn
+
     def select_queries(self, memory, spatial_shapes):
         """Top-K memory positions by best class score: (content, box logits, their encoder predictions)."""
         anchors, valid = self.anchors(spatial_shapes, memory)
@@ -162,18 +178,8 @@ class RTDETRDecoder(QuerySelection, nn.Module):
             nn.init.xavier_uniform_(proj[0].weight)
 
     def forward(self, feats: Sequence[torch.Tensor], targets: Optional[list[dict]] = None) -> dict:
-        maps = [proj(f) for proj, f in zip(self.input_proj, feats)]
-        spatial_shapes = [(int(m.shape[2]), int(m.shape[3])) for m in maps]
-        memory = torch.cat([m.flatten(2).transpose(1, 2) for m in maps], dim=1)
-
-        content, box_logits, enc_outputs = self.select_queries(memory, spatial_shapes)
-        dn, attn_mask = None, None
-        if self.training and targets is not None and self.num_denoising > 0:
-            dn = build_denoising_queries(targets, self.denoising_class_embed, self.num_classes, self.num_queries,
-                                         self.num_denoising, self.label_noise_ratio, self.box_noise_scale)
-            content = torch.cat([dn.content.to(content.dtype), content], dim=1)
-            box_logits = torch.cat([dn.boxes_logit.to(box_logits.dtype), box_logits], dim=1)
-            attn_mask = dn.attn_mask
+        memory, spatial_shapes, content, box_logits, enc_outputs, dn = self.start_queries(feats, targets)
+        attn_mask = dn.attn_mask if dn is not None else None
 
         ref = ref_detached = box_logits.sigmoid()
         queries = content

@@ -28,7 +28,6 @@ from torch import nn
 from distill.detection.box_ops import inverse_sigmoid
 from distill.detection.decoder import MLP, QuerySelection
 from distill.detection.deformable_attention import DeformableSampling
-from distill.detection.denoising import build_denoising_queries
 from distill.detection.distribution import DEFAULT_UP, distance_to_box, integral, weighting_function
 
 
@@ -153,18 +152,8 @@ class DFineDecoder(QuerySelection, nn.Module):
                 nn.init.xavier_uniform_(proj[0].weight)
 
     def forward(self, feats: Sequence[torch.Tensor], targets: Optional[list[dict]] = None) -> dict:
-        maps = [proj(f) for proj, f in zip(self.input_proj, feats)]
-        spatial_shapes = [(int(m.shape[2]), int(m.shape[3])) for m in maps]
-        memory = torch.cat([m.flatten(2).transpose(1, 2) for m in maps], dim=1)
-
-        content, box_logits, enc_outputs = self.select_queries(memory, spatial_shapes)
-        dn, attn_mask = None, None
-        if self.training and targets is not None and self.num_denoising > 0:
-            dn = build_denoising_queries(targets, self.denoising_class_embed, self.num_classes, self.num_queries,
-                                         self.num_denoising, self.label_noise_ratio, self.box_noise_scale)
-            content = torch.cat([dn.content.to(content.dtype), content], dim=1)
-            box_logits = torch.cat([dn.boxes_logit.to(box_logits.dtype), box_logits], dim=1)
-            attn_mask = dn.attn_mask
+        memory, spatial_shapes, content, box_logits, enc_outputs, dn = self.start_queries(feats, targets)
+        attn_mask = dn.attn_mask if dn is not None else None
 
         ref = box_logits.sigmoid()
         queries = content
