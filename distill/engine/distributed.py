@@ -22,7 +22,9 @@ def start_processes(timeout_s: Optional[float] = None):
     from accelerate import PartialState
 
     launched = int(os.environ.get("WORLD_SIZE", "1"))
-    timeout = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
+    # The training group waits a little longer than the stop agreement's gloo group (engine/preemption.py), whose
+    # timeout then fires first: on GPUs NCCL's watchdog would end the process without saying who is missing
+    timeout = {"timeout": timedelta(seconds=timeout_s + min(60.0, 0.05 * timeout_s))} if timeout_s else {}
     state = PartialState(cpu=launched > 1 and not torch.cuda.is_available(), **timeout)
     if state.num_processes != launched:
         raise LaunchError(

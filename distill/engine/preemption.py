@@ -114,15 +114,17 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-_GROUP = None
+_GROUPS: dict[int, object] = {}  # id of the training group -> its gloo side group
 
 
 def side_group(timeout_s: float):
-    """A gloo group beside the training one (NCCL on GPUs), for host-side flags; made once per launch."""
-    global _GROUP
-    if _GROUP is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        _GROUP = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
-    return _GROUP
+    """A gloo group beside the training one (NCCL on GPUs), for host-side flags; one per process group."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    key = id(dist.distributed_c10d._get_default_group())
+    if key not in _GROUPS:
+        _GROUPS[key] = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+    return _GROUPS[key]
 
 
 def launch_store():
