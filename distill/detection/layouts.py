@@ -85,13 +85,18 @@ def layout_keys(key: str, layout: str) -> Optional[list[str]]:
         template = ref if layout == "reference" else hf
         if template is None:
             return None
-        prefix, rest = match.expand(template), key[match.end():]
-        if layout == "transformers" and rest.startswith("in_proj_"):
-            return [f"{prefix}{name}.{rest[len('in_proj_'):]}" for name in _QKV]
-        if layout == "transformers" and rest.startswith("out_proj.") and prefix.endswith("self_attn."):
-            rest = "o_proj." + rest[len("out_proj."):]
-        return [prefix + rest]
+        return split_attention(match.expand(template), key[match.end():], layout)
     return None
+
+
+def split_attention(prefix: str, rest: str, layout: str) -> list[str]:
+    """The key(s) of `prefix` + `rest` in `layout`: transformers splits PyTorch's fused q/k/v projection
+    into three linears (stacked in that order) and names the self-attention's output projection `o_proj`."""
+    if layout == "transformers" and rest.startswith("in_proj_"):
+        return [f"{prefix}{name}.{rest[len('in_proj_'):]}" for name in _QKV]
+    if layout == "transformers" and rest.startswith("out_proj.") and prefix.endswith("self_attn."):
+        rest = "o_proj." + rest[len("out_proj."):]
+    return [prefix + rest]
 
 
 def gather(source: dict[str, torch.Tensor], keys: list[str]) -> Optional[torch.Tensor]:
