@@ -189,6 +189,8 @@ def fusion_layer(name: str, dim: int, expansion: float, num_units: int) -> nn.Mo
     units, or a whole fusion layer (`rep_elan`)."""
     if name == "rep_elan":
         return RepELAN(dim, expansion, num_units)
+    if name not in FUSION_UNITS:
+        raise ValueError(f"unknown fusion block {name!r}; valid: {sorted(FUSION_UNITS) + list(FUSION_LAYERS)}")
     return CSPLayer(2 * dim, dim, name, num_units, expansion)
 
 
