@@ -63,6 +63,8 @@ def save_run(folder, model, model_cfg):
 
 
 def test_hf_dfine_export_reloads_as_dfine_with_equal_outputs(dfine, tmp_path):
+    from distill.detection.hf_convert import from_transformers
+
     run = save_run(tmp_path / "run", dfine, MODEL)
     run_export(run, "--to", "hf-dfine", "--out", tmp_path / "hf")
     hf = transformers.AutoModelForObjectDetection.from_pretrained(str(tmp_path / "hf")).eval()
@@ -71,8 +73,11 @@ def test_hf_dfine_export_reloads_as_dfine_with_equal_outputs(dfine, tmp_path):
     assert hf.config.id2label == {0: "circle", 1: "square", 2: "star"}
     card = json.loads((tmp_path / "hf" / "distill.json").read_text())
     assert card["format"] == "hf-dfine-detector" and card["check"]["max_abs_difference"] < 1e-4
+    back, names = from_transformers(hf)  # and read back into this project, as distill.predict does
+    assert names == ["circle", "square", "star"] and back.cfg.fusion_block == "rep_elan"
     for x in INPUTS:
         assert max_difference(outputs(dfine, x), outputs(hf, x)) < 1e-4
+        assert max_difference(outputs(dfine, x), outputs(back, x)) < 1e-5
 
 
 @pytest.mark.parametrize("head, target, other", [("dfine", "hf-rtdetr", "hf-dfine"),

@@ -22,6 +22,7 @@ export checks on a probe image.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -125,6 +126,20 @@ def rtdetr_config_from_hf(config: dict) -> RTDETRConfig:
     )
 
 
+def dfine_config_from_hf(config: dict) -> RTDETRConfig:
+    """Our config of a transformers D-FINE `config.json` with a timm backbone (D-FINE's neck and head)."""
+    unsupported = {k: config.get(k, v) for k, v in [("eval_idx", -1), ("layer_scale", 1), ("up", DEFAULT_UP),
+                                                     ("lqe_hidden_dim", 64), ("lqe_layers", 2), ("top_prob_values", 4)]
+                   if config.get(k, v) != v}
+    if unsupported:
+        raise ValueError(f"this transformers D-FINE has no counterpart here: {unsupported}")
+    points = config["decoder_n_points"]
+    points = list(points) if isinstance(points, (list, tuple)) else [points] * len(config["feat_strides"])
+    return replace(rtdetr_config_from_hf({**config, "decoder_n_points": points[0]}), head="dfine",
+                   fusion_block="rep_elan", downsample="scdown_linear", depth_mult=config["depth_mult"],
+                   num_points_per_level=tuple(points), reg_max=config["max_num_bins"], reg_scale=config["reg_scale"])
+
+
 def _fill(hf: nn.Module, state: dict, constants: tuple[str, ...], name: str) -> nn.Module:
     """Load our weights (already in transformers' names) into `hf`; only `constants` (buffers transformers
     builds from its config) may stay unfilled."""
@@ -174,7 +189,7 @@ def to_transformers_dfine(model: RTDETR, class_names: Sequence[str]) -> nn.Modul
 
 
 def from_transformers(source) -> tuple[RTDETR, list[str]]:
-    """Our detector (and its class names) from a transformers RT-DETR model or saved folder."""
+    """Our detector (and its class names) from a transformers RT-DETR, RT-DETRv2 or D-FINE model or folder."""
     if isinstance(source, (str, Path)):
         from distill.detection.pretrained import hf_state_dict
 
@@ -182,14 +197,17 @@ def from_transformers(source) -> tuple[RTDETR, list[str]]:
         state = hf_state_dict(Path(source))
     else:
         config, state = source.config.to_dict(), source.state_dict()
-    model = build_rtdetr(rtdetr_config_from_hf(config))
+    dfine = config.get("model_type") == "d_fine"
+    model = build_rtdetr(dfine_config_from_hf(config) if dfine else rtdetr_config_from_hf(config))
     expected = list(getattr(model.backbone.feature_info, "out_indices", []))
     if list(config["backbone_config"].get("out_indices") or []) != expected:
         raise ValueError(f"the timm backbone's out_indices {config['backbone_config'].get('out_indices')} are not "
                          f"the strides-8/16/32 levels {expected} this project uses")
     converted, absent = {}, []
     for key in model.state_dict():
-        tensor = gather(state, layout_keys(key, "transformers"))
+        keys = (dfine_layout.layout_keys(key, "transformers", model.cfg.fusion_block) if dfine
+                else layout_keys(key, "transformers"))
+        tensor = gather(state, keys) if keys else None
         if tensor is None:
             absent.append(key)
         else:
