@@ -73,7 +73,7 @@ def test_hf_dfine_export_reloads_as_dfine_with_equal_outputs(dfine, tmp_path):
     assert hf.config.id2label == {0: "circle", 1: "square", 2: "star"}
     card = json.loads((tmp_path / "hf" / "distill.json").read_text())
     assert card["format"] == "hf-dfine-detector" and card["check"]["max_abs_difference"] < 1e-4
-    back, names = from_transformers(hf)  # and read back into this project, as distill.predict does
+    back, names = from_transformers(tmp_path / "hf")  # read back into this project, as distill.predict does
     assert names == ["circle", "square", "star"] and back.cfg.fusion_block == "rep_elan"
     for x in INPUTS:
         assert max_difference(outputs(dfine, x), outputs(hf, x)) < 1e-4

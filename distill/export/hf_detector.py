@@ -2,7 +2,7 @@
 the RT-DETRv2 head) or a `DFineForObjectDetection` folder (`--to hf-dfine`, the D-FINE head).
 
     python -m distill.export runs/rtdetr_mnv4_conv_s --to hf-rtdetr --out exported/mnv4_hf_detector
-    python -m distill.export runs/dfine_s --to hf-dfine --out exported/dfine_hf_detector
+    python -m distill.export runs/dfine_elan --to hf-dfine --out exported/dfine_hf_detector   # D-FINE's neck
 
     model = AutoModelForObjectDetection.from_pretrained("<folder>")
     processor = RTDetrImageProcessor.from_pretrained("<folder>")
