@@ -132,7 +132,8 @@ def test_init_from_an_official_dfine_checkpoint(dfine, tmp_path):
     report = model.init_report
     assert report.layout == "reference" and not report.skipped and not report.reinitialised
     assert len(report.loaded) == len([k for k in dfine.state_dict() if not k.startswith("backbone.")])
-    assert sorted(report.unused) == ["decoder.decoder.reg_scale", "decoder.decoder.up", "decoder.reg_scale", "decoder.up"]
+    assert sorted(report.unused) == ["decoder.decoder.reg_scale", "decoder.decoder.up", "decoder.reg_scale",
+                                     "decoder.up"]  # the constants, checked, not loaded
     for x in INPUTS:
         assert max_difference(outputs(model, x), outputs(dfine, x)) < 1e-5
 
@@ -145,8 +146,9 @@ def test_init_from_the_official_decoders_weights_reproduces_its_outputs(tmp_path
     state = {f"decoder.{k}": v.float() for k, v in reference["weights"].items()}
     torch.save({"model": state}, tmp_path / "decoder.pth")
     model = build(init_from=str(tmp_path / "decoder.pth"), num_classes=c["num_classes"], hidden_dim=c["hidden_dim"],
-                  num_queries=c["num_queries"], out_strides=tuple(c["strides"]), num_points_per_level=c["points_per_level"],
-                  num_heads=c["num_heads"], num_decoder_layers=c["num_layers"], dim_feedforward=c["dim_feedforward"],
+                  num_queries=c["num_queries"], out_strides=tuple(c["strides"]),
+                  num_points_per_level=c["points_per_level"], num_heads=c["num_heads"],
+                  num_decoder_layers=c["num_layers"], dim_feedforward=c["dim_feedforward"],
                   num_denoising=c["num_denoising"], reg_max=c["reg_max"], reg_scale=c["reg_scale"])
     report = model.init_report
     assert report.layout == "reference" and not report.reinitialised

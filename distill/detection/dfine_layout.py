@@ -163,9 +163,10 @@ def bins_of(state: dict[str, torch.Tensor]) -> Optional[int]:
         match = _BOX_HEAD.search(key)
         if match:
             last[match.group(1)] = max(last.get(match.group(1), -1), int(match.group(2)))
-    for head, index in last.items():
-        return state[f"{head}.layers.{index}.weight"].shape[0] // 4 - 1
-    return None
+    if not last:
+        return None
+    head, index = next(iter(last.items()))
+    return state[f"{head}.layers.{index}.weight"].shape[0] // 4 - 1
 
 
 _BOX_HEAD = re.compile(r"^(.*(?:dec_bbox_head|bbox_embed|bbox_heads)\.0)\.layers\.(\d+)\.weight$")

@@ -1,9 +1,9 @@
-"""This project's RT-DETR ⇄ transformers' `RTDetrV2ForObjectDetection`, whole detectors (backbone included);
-and a D-FINE-head detector → transformers' `DFineForObjectDetection`.
+"""This project's RT-DETR ⇄ transformers' `RTDetrV2ForObjectDetection`, whole detectors (backbone included),
+and with D-FINE's head ⇄ transformers' `DFineForObjectDetection`.
 
     hf_model = to_transformers(model, class_names)   # same logits and boxes; save_pretrained() it
     model = from_transformers(hf_model)              # or from_transformers("<folder>")
-    hf_model = to_transformers_dfine(dfine_model, class_names)
+    hf_model = to_transformers_dfine(dfine_model, class_names)   # from_transformers reads it back too
 
 D-FINE converts when its neck is D-FINE's own (`model.fusion_block=rep_elan`, `model.downsample=scdown_linear`,
 `aifi` attention) and the backbone a timm model; weights move through `distill.detection.dfine_layout`.
@@ -44,7 +44,7 @@ def check_convertible(cfg: RTDETRConfig, backbone: nn.Module, needed: dict = NEE
     problems = [f"model.{k}={getattr(cfg, k)!r} (transformers has {v!r} only)" for k, v in needed.items()
                 if getattr(cfg, k) != v]
     units = round(3 * cfg.depth_mult)
-    if needed["fusion_block"] == "csp_repvgg" and max(units, 1) != 3:
+    if needed["fusion_block"] == "csp_repvgg" and max(units, 1) != 3:  # RT-DETR's blocks: fixed at 3 units
         problems.append(f"model.depth_mult={cfg.depth_mult} (transformers' fusion blocks hold 3 units)")
     if units < 1:  # transformers builds round(3 · depth_mult) units, we at least one
         problems.append(f"model.depth_mult={cfg.depth_mult} (transformers' fusion blocks would hold no unit)")
@@ -178,13 +178,8 @@ def to_transformers_dfine(model: RTDETR, class_names: Sequence[str]) -> nn.Modul
 
     _check_training_form(model)
     hf = DFineForObjectDetection(hf_dfine_config(model.cfg, model.backbone, class_names))
-    state = {}
-    for key, value in model.state_dict().items():
-        targets = dfine_layout.layout_keys(key, "transformers", model.cfg.fusion_block)
-        if targets is None:
-            raise KeyError(f"{key} has no place in transformers' D-FINE")
-        parts = value.chunk(len(targets), 0) if len(targets) > 1 else (value,)  # q/k/v: three linears there
-        state.update(zip(targets, (p.contiguous() for p in parts)))
+    state = to_layout(model.state_dict(), "transformers",
+                      keys_of=lambda key: dfine_layout.layout_keys(key, "transformers", model.cfg.fusion_block))
     return _fill(hf, state, ("num_points_scale", "decoder.up", "decoder.reg_scale"), "D-FINE")
 
 

@@ -68,8 +68,8 @@ def read_detector_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], st
         config = path / "config.json"
         model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
         if model_type not in HF_MODEL_TYPES:
-            raise ValueError(f"{path} is not a transformers RT-DETR or D-FINE folder (config.json model_type {model_type!r}, "
-                             f"expected one of {HF_MODEL_TYPES})")
+            raise ValueError(f"{path} is not a transformers RT-DETR or D-FINE folder (config.json model_type "
+                             f"{model_type!r}, expected one of {HF_MODEL_TYPES})")
         return hf_state_dict(path), "transformers"
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file

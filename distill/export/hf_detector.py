@@ -29,8 +29,8 @@ from distill.detection.run import load_detector
 from distill.engine.checkpoint import atomic_write_text
 
 
-# --to target → (the head it takes, its converter, transformers' name of it)
-HF_HEADS = {"hf-rtdetr": ("rtdetrv2", to_transformers, "RT-DETRv2"), "hf-dfine": ("dfine", to_transformers_dfine, "D-FINE")}
+# --to target → (the head it takes, its converter)
+HF_HEADS = {"hf-rtdetr": ("rtdetrv2", to_transformers), "hf-dfine": ("dfine", to_transformers_dfine)}
 
 
 def check_same_outputs(model, hf_model, side: int, atol: float = 1e-4) -> float:
@@ -42,8 +42,8 @@ def check_same_outputs(model, hf_model, side: int, atol: float = 1e-4) -> float:
     error = max((ours["pred_logits"] - theirs.logits).abs().max().item(),
                 (ours["pred_boxes"] - theirs.pred_boxes).abs().max().item())
     if error > atol:
-        raise ValueError(f"transformers' {type(hf_model).__name__} differs from the detector by {error:.3g} at {side} px "
-                         "(see distill.detection.hf_convert for the one known difference, border anchors)")
+        raise ValueError(f"transformers' {type(hf_model).__name__} differs from the detector by {error:.3g} at "
+                         f"{side} px (see distill.detection.hf_convert for the one known difference, border anchors)")
     return error
 
 
@@ -52,9 +52,9 @@ def export_hf_detector(source: str | Path, out: str | Path, weights: str = "ema"
     from transformers import RTDetrImageProcessor
 
     run = load_detector(source, weights)
-    head, convert, _ = HF_HEADS[target]
+    head, convert = HF_HEADS[target]
     if run.model.cfg.head != head:
-        other = next(t for t, (h, _, _) in HF_HEADS.items() if h == run.model.cfg.head)
+        other = next(t for t, (h, _) in HF_HEADS.items() if h == run.model.cfg.head)
         raise ValueError(f"{source} has the {run.model.cfg.head} head (model.head={run.model.cfg.head}); "
                          f"--to {target} takes head={head} only: export it --to {other}")
     side = det_size or run.config.get("data", {}).get("img_size", 640)
