@@ -81,7 +81,6 @@ def test_dfine_recipes_hold_the_presets_and_the_reference_schedule(size):
     (["model.num_points_per_level=[3,6]"], r"model\.num_points_per_level=\[3, 6\] needs one entry per level of "
                                            r"model\.out_strides=\[8, 16, 32\]"),
     (["model.reg_max=15"], r"model\.head=dfine needs an even model\.reg_max of at least 4 \(D-FINE: 32\), got 15"),
-    (["model.init_from=weights.pth"], r"model\.init_from loads RT-DETRv2 weights, which do not fit model\.head=dfine"),
     (["model.class_loss=focal"], r"model\.class_loss='focal' is not one of vfl, mal"),
 ])
 def test_unsupported_head_settings_stop_at_load_with_one_line(overrides, message):

@@ -37,6 +37,24 @@ def test_every_block_option_builds_runs_and_trains(fusion, downsample, attention
     assert not no_grad, f"parameters without gradient: {no_grad}"
 
 
+def test_dfine_neck_matches_the_reference_layer_widths_and_trains():
+    """D-FINE's neck: RepELAN fusion layers (stages round(expansion · dim / 2) wide) and linear SCDown."""
+    from distill.detection.blocks import RepELAN
+
+    torch.manual_seed(0)
+    enc = HybridEncoder([8, 16, 24], hidden_dim=32, expansion=0.5, depth_mult=0.34, fusion_block="rep_elan",
+                        downsample="scdown_linear", num_heads=4, dim_feedforward=64)
+    layer = enc.bottom_up[1]
+    assert isinstance(layer, RepELAN) and len(layer.csp_rep1.units) == 1
+    assert layer.conv1.conv.weight.shape[:2] == (64, 64) and layer.conv4.conv.weight.shape[:2] == (32, 64 + 2 * 8)
+    assert isinstance(enc.lateral[0].act, torch.nn.Identity)  # D-FINE's lateral convs have no activation
+    assert all(isinstance(m.act, torch.nn.Identity) for m in enc.downsample[0])
+    outs = enc(_feats())
+    assert [tuple(o.shape) for o in outs] == [(2, 32, 32, 32), (2, 32, 16, 16), (2, 32, 8, 8)]
+    sum(o.square().mean() for o in outs).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in enc.parameters())
+
+
 def test_extradw_adds_a_depthwise_conv_and_unknown_names_list_choices():
     plain, extra = FUSION_UNITS["uib"](16), FUSION_UNITS["extradw"](16)
     assert sum(p.numel() for p in extra.parameters()) - sum(p.numel() for p in plain.parameters()) == 16 * 9 + 2 * 16

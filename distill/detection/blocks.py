@@ -3,8 +3,10 @@
 - fusion blocks (the units inside the CCFM's CSP layers): `csp_repvgg` (RT-DETR: RepVGG 3x3 + 1x1),
   `uib` (MobileNetV4's inverted bottleneck: expand, depthwise, project), `extradw` (UIB with an extra
   depthwise conv before the expansion), `cib` (YOLOv10's compact inverted block);
-- downsampling in the bottom-up path: `conv` (3x3 stride 2, RT-DETR) and `scdown` (YOLOv10: pointwise for
-  channels, then stride-2 depthwise for space);
+- D-FINE's fusion layer `rep_elan` (`model.fusion_block=rep_elan`), which replaces the whole CSP layer: a
+  GELAN-style split into two halves, two CSP layers of RepVGG units in a chain, all four concatenated;
+- downsampling in the bottom-up path: `conv` (3x3 stride 2, RT-DETR), `scdown` (YOLOv10: pointwise for
+  channels, then stride-2 depthwise for space) and `scdown_linear` (D-FINE's: the same, no activation);
 - attention on the stride-32 map: `aifi` (RT-DETR: one transformer layer with a 2-D sine-cosine position
   embedding) and `psa` (YOLOv10: self-attention on half the channels, then a 1x1 fuse).
 
@@ -156,6 +158,42 @@ class CSPLayer(nn.Module):
         return self.conv3(self.units(self.conv1(x)) + self.conv2(x))
 
 
+class RepELAN(nn.Module):
+    """D-FINE's fusion layer (its `RepNCSPELAN4`) from the 2·dim concatenation to dim: a 1x1 conv split into
+    two halves; the second half runs through two CSP stages (RepVGG units, then a 3x3 conv) in a chain; the
+    halves and both stages' outputs are concatenated and mixed by a 1x1 conv. The stages are
+    round(expansion · dim / 2) wide. Attribute names follow transformers' `DFineRepNCSPELAN4`."""
+
+    def __init__(self, dim: int, expansion: float, num_units: int):
+        super().__init__()
+        stage = round(expansion * dim // 2)
+        self.conv1 = ConvNormAct(2 * dim, 2 * dim, 1)
+        self.csp_rep1 = CSPLayer(dim, stage, "csp_repvgg", num_units, 1.0)
+        self.conv2 = ConvNormAct(stage, stage, 3)
+        self.csp_rep2 = CSPLayer(stage, stage, "csp_repvgg", num_units, 1.0)
+        self.conv3 = ConvNormAct(stage, stage, 3)
+        self.conv4 = ConvNormAct(2 * dim + 2 * stage, dim, 1)
+
+    def forward(self, x):
+        halves = list(self.conv1(x).chunk(2, 1))
+        first = self.conv2(self.csp_rep1(halves[-1]))
+        second = self.conv3(self.csp_rep2(first))
+        return self.conv4(torch.cat([*halves, first, second], 1))
+
+
+FUSION_LAYERS = ("rep_elan",)  # fusion blocks that replace the whole CSP layer, not its units
+
+
+def fusion_layer(name: str, dim: int, expansion: float, num_units: int) -> nn.Module:
+    """The top-down / bottom-up fusion from the 2·dim concatenation to dim: RT-DETR's CSP layer of `name`
+    units, or a whole fusion layer (`rep_elan`)."""
+    if name == "rep_elan":
+        return RepELAN(dim, expansion, num_units)
+    if name not in FUSION_UNITS:
+        raise ValueError(f"unknown fusion block {name!r}; valid: {sorted(FUSION_UNITS) + list(FUSION_LAYERS)}")
+    return CSPLayer(2 * dim, dim, name, num_units, expansion)
+
+
 # ------------------------------------------------------------------------------------------- downsampling
 
 
@@ -167,6 +205,12 @@ def _conv_downsample(channels: int) -> nn.Module:
 @register_downsample("scdown")
 def _scdown(channels: int) -> nn.Module:
     return nn.Sequential(ConvNormAct(channels, channels, 1),
+                         ConvNormAct(channels, channels, 3, 2, groups=channels, act=None))
+
+
+@register_downsample("scdown_linear")
+def _scdown_linear(channels: int) -> nn.Module:
+    return nn.Sequential(ConvNormAct(channels, channels, 1, act=None),
                          ConvNormAct(channels, channels, 3, 2, groups=channels, act=None))
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.detection.blocks import DOWNSAMPLES, ENCODER_ATTENTIONS, ConvNormAct, CSPLayer, lookup
+from distill.detection.blocks import DOWNSAMPLES, ENCODER_ATTENTIONS, ConvNormAct, fusion_layer, lookup
 
 
 class HybridEncoder(nn.Module):
@@ -39,12 +39,14 @@ class HybridEncoder(nn.Module):
         self.attention = lookup(ENCODER_ATTENTIONS, attention, "encoder attention")(
             hidden_dim, num_heads, dim_feedforward, dropout)
         # index i of the top-down modules fuses level (levels - 2 - i) with the path from above
-        self.lateral = nn.ModuleList(ConvNormAct(hidden_dim, hidden_dim, 1) for _ in range(levels - 1))
+        # D-FINE's neck (its fusion layer, rep_elan) also drops the lateral convs' activation
+        lateral_act = None if fusion_block == "rep_elan" else nn.SiLU
+        self.lateral = nn.ModuleList(ConvNormAct(hidden_dim, hidden_dim, 1, act=lateral_act) for _ in range(levels - 1))
         self.top_down = nn.ModuleList(
-            CSPLayer(2 * hidden_dim, hidden_dim, fusion_block, units, expansion) for _ in range(levels - 1))
+            fusion_layer(fusion_block, hidden_dim, expansion, units) for _ in range(levels - 1))
         self.downsample = nn.ModuleList(make_downsample(hidden_dim) for _ in range(levels - 1))
         self.bottom_up = nn.ModuleList(
-            CSPLayer(2 * hidden_dim, hidden_dim, fusion_block, units, expansion) for _ in range(levels - 1))
+            fusion_layer(fusion_block, hidden_dim, expansion, units) for _ in range(levels - 1))
 
     def forward(self, feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         maps = [proj(f) for proj, f in zip(self.input_proj, feats)]

@@ -11,7 +11,7 @@ backbone is its own (ResNet / HGNetv2), so it has no counterpart.
 from __future__ import annotations
 
 import re
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -85,13 +85,18 @@ def layout_keys(key: str, layout: str) -> Optional[list[str]]:
         template = ref if layout == "reference" else hf
         if template is None:
             return None
-        prefix, rest = match.expand(template), key[match.end():]
-        if layout == "transformers" and rest.startswith("in_proj_"):
-            return [f"{prefix}{name}.{rest[len('in_proj_'):]}" for name in _QKV]
-        if layout == "transformers" and rest.startswith("out_proj.") and prefix.endswith("self_attn."):
-            rest = "o_proj." + rest[len("out_proj."):]
-        return [prefix + rest]
+        return split_attention(match.expand(template), key[match.end():], layout)
     return None
+
+
+def split_attention(prefix: str, rest: str, layout: str) -> list[str]:
+    """The key(s) of `prefix` + `rest` in `layout`: transformers splits PyTorch's fused q/k/v projection
+    into three linears (stacked in that order) and names the self-attention's output projection `o_proj`."""
+    if layout == "transformers" and rest.startswith("in_proj_"):
+        return [f"{prefix}{name}.{rest[len('in_proj_'):]}" for name in _QKV]
+    if layout == "transformers" and rest.startswith("out_proj.") and prefix.endswith("self_attn."):
+        rest = "o_proj." + rest[len("out_proj."):]
+    return [prefix + rest]
 
 
 def gather(source: dict[str, torch.Tensor], keys: list[str]) -> Optional[torch.Tensor]:
@@ -101,14 +106,17 @@ def gather(source: dict[str, torch.Tensor], keys: list[str]) -> Optional[torch.T
     return source[keys[0]] if len(keys) == 1 else torch.cat([source[k] for k in keys], 0)
 
 
-def to_layout(state: dict[str, torch.Tensor], layout: str, skip: Iterable[str] = ()) -> dict[str, torch.Tensor]:
-    """Our (training-form) state dict in `layout`; keys starting with one of `skip` are left out."""
+def to_layout(state: dict[str, torch.Tensor], layout: str, skip: Iterable[str] = (),
+              keys_of: Optional[Callable[[str], Optional[list[str]]]] = None) -> dict[str, torch.Tensor]:
+    """Our (training-form) state dict in `layout`; keys starting with one of `skip` are left out. `keys_of`
+    maps a key to its key(s) there (default: RT-DETR's `layout_keys`; D-FINE passes its own)."""
     skip = tuple(skip)
+    keys_of = keys_of or (lambda key: layout_keys(key, layout))
     out = {}
     for key, value in state.items():
         if skip and key.startswith(skip):
             continue
-        targets = layout_keys(key, layout)
+        targets = keys_of(key)
         if targets is None:
             raise KeyError(f"{key} has no place in the {layout} layout")
         parts = value.chunk(len(targets), 0) if len(targets) > 1 else (value,)

@@ -1,7 +1,9 @@
-"""Start a detector from COCO-pretrained RT-DETR weights (`model.init_from=PATH`).
+"""Start a detector from COCO-pretrained RT-DETR or D-FINE weights (`model.init_from=PATH`).
 
-PATH is an official RT-DETRv2 checkpoint (`.pth`: its EMA weights, else its model weights), a transformers
-RT-DETR / RT-DETRv2 folder (`config.json` + `model.safetensors`), or a checkpoint of this project. Every
+PATH is an official RT-DETRv2 or D-FINE / DEIM checkpoint (`.pth`: its EMA weights, else its model weights),
+a transformers RT-DETR / RT-DETRv2 / D-FINE folder (`config.json` + `model.safetensors`), or a checkpoint of
+this project. The weights must be of the detector's head (`model.head`), and D-FINE's of its `model.reg_max`
+(the bins of its edge distributions): either mismatch is refused. Every
 encoder and decoder tensor whose shape matches is loaded; the backbone is left as given (a distilled one,
 typically); the class-dependent tensors (the score heads and the denoising label embedding) keep their
 fresh initialisation when the class count differs; anything else that does not fit (other widths, other
@@ -10,17 +12,22 @@ levels) keeps its fresh initialisation too. `InitReport` says which tensors went
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from distill.detection import dfine_layout
 from distill.detection.layouts import gather, layout_keys
-from distill.engine.checkpoint import load_checkpoint
+from distill.engine.checkpoint import CheckpointMismatch, load_checkpoint
 
 CLASS_DEPENDENT = ("decoder.enc_score_head.", "decoder.score_heads.", "decoder.denoising_class_embed.")
-HF_MODEL_TYPES = ("rt_detr", "rt_detr_v2")
+HF_MODEL_TYPES = ("rt_detr", "rt_detr_v2", "d_fine")
+HEAD_NAMES = {"rtdetrv2": "RT-DETR", "dfine": "D-FINE"}
+# D-FINE's decoder alone holds these, in every layout (ours, the reference's, transformers')
+_DFINE_ONLY = re.compile(r"(^|\.)(lqe_layers|pre_bbox_head)\.")
 
 
 @dataclass
@@ -61,8 +68,8 @@ def read_detector_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], st
         config = path / "config.json"
         model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
         if model_type not in HF_MODEL_TYPES:
-            raise ValueError(f"{path} is not a transformers RT-DETR folder (config.json model_type {model_type!r}, "
-                             f"expected one of {HF_MODEL_TYPES})")
+            raise ValueError(f"{path} is not a transformers RT-DETR or D-FINE folder (config.json model_type "
+                             f"{model_type!r}, expected one of {HF_MODEL_TYPES})")
         return hf_state_dict(path), "transformers"
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -106,16 +113,49 @@ def _detect_layout(state: dict, path: Path) -> str:
     raise ValueError(f"{path} does not look like RT-DETR weights (no decoder layers among {len(state)} keys)")
 
 
+def head_of(state: dict[str, torch.Tensor]) -> str:
+    """The decoder head (`rtdetrv2` | `dfine`) whose weights `state` holds, in any layout."""
+    return "dfine" if any(_DFINE_ONLY.search(k) for k in state) else "rtdetrv2"
+
+
+def check_same_head(model: nn.Module, source: dict[str, torch.Tensor], path) -> None:
+    """Refuse weights of the other decoder head, and D-FINE weights of other distribution settings."""
+    head, theirs = model.cfg.head, head_of(source)
+    if theirs != head:
+        raise CheckpointMismatch(f"model.init_from={path} holds {HEAD_NAMES[theirs]} weights and this detector has "
+                                 f"model.head={head}: set model.head={theirs} to start from them")
+    if head != "dfine":
+        return
+    bins = dfine_layout.bins_of(source)
+    if bins is not None and bins != model.cfg.reg_max:
+        raise CheckpointMismatch(f"model.init_from={path} has reg_max={bins} (its edge distributions have "
+                                 f"{bins + 1} bins) and the recipe model.reg_max={model.cfg.reg_max}: set "
+                                 f"model.reg_max={bins}")
+    scale = next((v for k, v in source.items() if k.endswith("decoder.reg_scale")), None)
+    if scale is not None and abs(float(scale.reshape(-1)[0]) - model.cfg.reg_scale) > 1e-6:
+        raise CheckpointMismatch(f"model.init_from={path} has reg_scale={float(scale.reshape(-1)[0]):g} and the "
+                                 f"recipe model.reg_scale={model.cfg.reg_scale:g}: set model.reg_scale to match")
+
+
+def _source_keys(model: nn.Module, key: str, layout: str) -> list[str] | None:
+    if layout == "ours":
+        return [key]
+    if model.cfg.head == "dfine":
+        return dfine_layout.layout_keys(key, layout, model.cfg.fusion_block)
+    return layout_keys(key, layout)
+
+
 def load_detector_weights(model: nn.Module, path: str | Path) -> InitReport:
     """Load the encoder and decoder tensors of `path` that fit `model` (in place); the backbone stays."""
     source, layout = read_detector_weights(path)
+    check_same_head(model, source, path)
     report = InitReport(str(path), layout)
     chosen, used = {}, set()
     for key, value in model.state_dict().items():
         if key.startswith("backbone."):
             report.kept.append(key)
             continue
-        keys = [key] if layout == "ours" else layout_keys(key, layout)
+        keys = _source_keys(model, key, layout)
         tensor = gather(source, keys) if keys else None
         if tensor is None:
             report.skipped[key] = "not in the source"
@@ -131,7 +171,7 @@ def load_detector_weights(model: nn.Module, path: str | Path) -> InitReport:
         report.loaded.append(key)
     if not chosen:
         raise ValueError(f"model.init_from={path}: none of its {len(source)} tensors fits this detector "
-                         f"({layout} layout); is it an RT-DETR checkpoint of the same width?")
+                         f"({layout} layout); is it a {HEAD_NAMES[model.cfg.head]} checkpoint of the same width?")
     model.load_state_dict(chosen, strict=False)
     report.unused = sorted(set(source) - used)
     return report

@@ -112,8 +112,8 @@ class DetConfig:
 
 
 DET_CHOICES = {
-    "model.fusion_block": ("csp_repvgg", "uib", "extradw", "cib"),
-    "model.downsample": ("conv", "scdown"),
+    "model.fusion_block": ("csp_repvgg", "uib", "extradw", "cib", "rep_elan"),
+    "model.downsample": ("conv", "scdown", "scdown_linear"),
     "model.encoder_attention": ("aifi", "psa"),
     "model.head": HEADS,
     "model.class_loss": CLASSIFICATION_LOSSES,

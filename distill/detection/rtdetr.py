@@ -56,7 +56,7 @@ class RTDETRConfig:
     num_heads: int = 8
     num_points: int = 4
     dim_feedforward: int = 1024  # encoder attention and decoder FFN width
-    fusion_block: str = "csp_repvgg"
+    fusion_block: str = "csp_repvgg"  # D-FINE's own neck: rep_elan with downsample scdown_linear
     downsample: str = "conv"
     encoder_attention: str = "aifi"
     num_denoising: int = 100
@@ -66,7 +66,7 @@ class RTDETRConfig:
     out_strides: tuple[int, ...] = (8, 16, 32)
     depth_mult: float = 1.0  # CSP units per fusion block = round(3 · depth_mult)
     dropout: float = 0.0
-    init_from: Optional[str] = None  # encoder + decoder weights: an official RT-DETRv2 .pth or a transformers folder
+    init_from: Optional[str] = None  # encoder + decoder weights: an official RT-DETRv2 / D-FINE .pth or a transformers folder
     head: str = "rtdetrv2"  # the decoder head: rtdetrv2 | dfine
     # D-FINE head only: sampling points per level (D-FINE-S [3, 6, 3]); None: num_points on every level
     num_points_per_level: Optional[tuple[int, ...]] = None
@@ -146,9 +146,6 @@ def check_head(cfg, prefix: str = "") -> None:
         raise ValueError(f"{head}=dfine needs an even {prefix}reg_max of at least 4 (D-FINE: 32), got {cfg.reg_max}")
     if cfg.reg_scale <= 0:
         raise ValueError(f"{head}=dfine needs {prefix}reg_scale > 0 (D-FINE: 4), got {cfg.reg_scale}")
-    if cfg.init_from:
-        raise ValueError(f"{prefix}init_from loads RT-DETRv2 weights, which do not fit {head}=dfine: leave "
-                         f"{prefix}init_from unset with {head}=dfine")
 
 
 def build_rtdetr(cfg: RTDETRConfig) -> RTDETR:

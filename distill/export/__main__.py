@@ -60,7 +60,7 @@ def target_options(fn, args) -> dict:
 
 
 # optional packages a target needs: target -> (module, extra)
-TARGET_EXTRAS = {"hf-rtdetr": ("transformers", "hf")}
+TARGET_EXTRAS = {"hf-rtdetr": ("transformers", "hf"), "hf-dfine": ("transformers", "hf")}
 
 
 def main(argv=None) -> int:

@@ -1,8 +1,10 @@
-"""A fine-tuned detector handed whole to transformers: an `RTDetrV2ForObjectDetection` folder.
+"""A fine-tuned detector handed whole to transformers: an `RTDetrV2ForObjectDetection` folder (`--to hf-rtdetr`,
+the RT-DETRv2 head) or a `DFineForObjectDetection` folder (`--to hf-dfine`, the D-FINE head).
 
     python -m distill.export runs/rtdetr_mnv4_conv_s --to hf-rtdetr --out exported/mnv4_hf_detector
+    python -m distill.export runs/dfine_elan --to hf-dfine --out exported/dfine_hf_detector   # D-FINE's neck
 
-    model = RTDetrV2ForObjectDetection.from_pretrained("<folder>")
+    model = AutoModelForObjectDetection.from_pretrained("<folder>")
     processor = RTDetrImageProcessor.from_pretrained("<folder>")
     inputs = processor(images=image, return_tensors="pt")
     detections = processor.post_process_object_detection(model(**inputs), threshold=0.3,
@@ -22,9 +24,13 @@ from typing import Optional
 
 import torch
 
-from distill.detection.hf_convert import to_transformers
+from distill.detection.hf_convert import to_transformers, to_transformers_dfine
 from distill.detection.run import load_detector
 from distill.engine.checkpoint import atomic_write_text
+
+
+# --to target → (the head it takes, its converter)
+HF_HEADS = {"hf-rtdetr": ("rtdetrv2", to_transformers), "hf-dfine": ("dfine", to_transformers_dfine)}
 
 
 def check_same_outputs(model, hf_model, side: int, atol: float = 1e-4) -> float:
@@ -36,19 +42,24 @@ def check_same_outputs(model, hf_model, side: int, atol: float = 1e-4) -> float:
     error = max((ours["pred_logits"] - theirs.logits).abs().max().item(),
                 (ours["pred_boxes"] - theirs.pred_boxes).abs().max().item())
     if error > atol:
-        raise ValueError(f"transformers' RT-DETRv2 differs from the detector by {error:.3g} at {side} px "
-                         "(see distill.detection.hf_convert for the one known difference, border anchors)")
+        raise ValueError(f"transformers' {type(hf_model).__name__} differs from the detector by {error:.3g} at "
+                         f"{side} px (see distill.detection.hf_convert for the one known difference, border anchors)")
     return error
 
 
 def export_hf_detector(source: str | Path, out: str | Path, weights: str = "ema",
-                       det_size: Optional[int] = None) -> Path:
+                       det_size: Optional[int] = None, target: str = "hf-rtdetr") -> Path:
     from transformers import RTDetrImageProcessor
 
     run = load_detector(source, weights)
+    head, convert = HF_HEADS[target]
+    if run.model.cfg.head != head:
+        other = next(t for t, (h, _) in HF_HEADS.items() if h == run.model.cfg.head)
+        raise ValueError(f"{source} has the {run.model.cfg.head} head (model.head={run.model.cfg.head}); "
+                         f"--to {target} takes head={head} only: export it --to {other}")
     side = det_size or run.config.get("data", {}).get("img_size", 640)
     names = [c["name"] for c in run.categories]
-    hf_model = to_transformers(run.model, names)
+    hf_model = convert(run.model, names)
     error = check_same_outputs(run.model, hf_model, side)
 
     out = Path(out)
@@ -58,7 +69,7 @@ def export_hf_detector(source: str | Path, out: str | Path, weights: str = "ema"
                                      do_rescale=True, do_normalize=True, image_mean=mean, image_std=std, do_pad=False)
     processor.save_pretrained(str(out))
     card = {
-        "format": "hf-rtdetr-detector",
+        "format": f"{target}-detector",
         "architecture": type(hf_model).__name__,
         "categories": run.categories,  # label i is categories[i]; its COCO id for predictions files
         "input": {"mean": mean, "std": std, "img_size": side},
@@ -68,3 +79,8 @@ def export_hf_detector(source: str | Path, out: str | Path, weights: str = "ema"
     }
     atomic_write_text(out / "distill.json", json.dumps(card, indent=2) + "\n")
     return out
+
+
+def export_hf_dfine_detector(source: str | Path, out: str | Path, weights: str = "ema",
+                             det_size: Optional[int] = None) -> Path:
+    return export_hf_detector(source, out, weights, det_size, target="hf-dfine")

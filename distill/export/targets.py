@@ -1,7 +1,7 @@
 """The export targets by their command-line names."""
 from __future__ import annotations
 
-from distill.export.hf_detector import export_hf_detector
+from distill.export.hf_detector import export_hf_detector, export_hf_dfine_detector
 from distill.export.hf_rtdetr import export_hf_rtdetr
 from distill.export.onnx_detector import export_onnx_detector
 from distill.export.rtdetr_backbone import export_rtdetr_backbone
@@ -19,5 +19,6 @@ STUDENT_TARGETS = {
 DETECTOR_TARGETS = {
     "onnx": export_onnx_detector,
     "hf-rtdetr": export_hf_detector,
+    "hf-dfine": export_hf_dfine_detector,
 }
 TARGETS = {**STUDENT_TARGETS, **DETECTOR_TARGETS}
