@@ -222,6 +222,15 @@ def test_a_run_logs_the_term_resumes_exactly_and_exports_without_it(world, tmp_p
     with torch.no_grad():
         outputs = run.model(torch.zeros(1, 3, 64, 64))
     assert outputs["pred_logits"].shape == (1, 10, 3)
+    ort = pytest.importorskip("onnxruntime")
+    from distill.export.onnx_detector import export_onnx_detector
+
+    onnx_file = export_onnx_detector(whole, tmp_path / "onnx", img_size=64) / "model.onnx"
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["images", "orig_sizes"]
+    scores, _, boxes = session.run(None, {"images": torch.rand(2, 3, 64, 64).numpy(),
+                                          "orig_sizes": torch.tensor([[64.0, 64.0], [128.0, 96.0]]).numpy()})
+    assert scores.shape == (2, 20) and boxes.shape == (2, 20, 4)
 
 
 # ---- errors, one line each -------------------------------------------------------------------------------
