@@ -237,6 +237,6 @@ def build_feature_distill(cfg, detector: nn.Module, accelerator, steps_per_epoch
     if accelerator.is_main_process:
         point = distill.teacher_tap.points[0]
         logger.info("feature distillation: teacher %s at %d px, its %s (%d channels, stride %d) -> encoder map %s; "
-                    "%s loss, %s weight from %g", d.teacher, side, point.module, point.channels, point.stride,
-                    d.encoder_level, d.loss, d.schedule, d.weight)
+                    "%s loss, weight %g (%s)", d.teacher, side, point.module, point.channels, point.stride,
+                    d.encoder_level, d.loss, d.weight, d.schedule)
     return distill
