@@ -15,8 +15,6 @@ from distill.detection.feature_distill import adapted_weight, build_feature_dist
 from distill.detection.recipe import load_det_config
 from distill.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parent.parent
-
 # A tiny detector on 64 px images; the teacher a small random timm model (no weights are read).
 TINY = """
 model: {backbone: test_efficientnet, hidden_dim: 32, dim_feedforward: 64, num_heads: 2, num_queries: 10,
