@@ -15,8 +15,10 @@ import logging
 import math
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 from omegaconf import OmegaConf
@@ -37,6 +39,7 @@ from distill.data.synthetic_coco import ensure_det_demo
 from distill.detection.criterion import RTDETRCriterion
 from distill.detection.ema import RTDETREma
 from distill.detection.evaluate import evaluate_detector, predict
+from distill.detection.feature_distill import DetFeatureDistill, build_feature_distill
 from distill.detection.postprocess import PostProcessor
 from distill.detection.recipe import load_det_config
 from distill.detection.rtdetr import RTDETRConfig, build_criterion, build_rtdetr
@@ -100,8 +103,10 @@ def main(argv=None) -> dict:
     postprocess = PostProcessor(num_top=cfg.eval.num_top)
     ema = RTDETREma(model, cfg.train.ema_decay, cfg.train.ema_warmups)  # a plain-batch-norm copy
     model = to_sync_batchnorm(model, world, device, cfg.train.sync_bn)
-    optimizer = build_optimizer(param_groups(model, cfg.optim), cfg.optim.lr, cfg.optim.weight_decay,
-                                cfg.optim.betas, cfg.optim.eps)
+    # training only, beside the detector: its teacher and projection head never enter the detector's state
+    feature_distill = build_feature_distill(cfg, model, accelerator, plan.steps_per_epoch, plan.strong_until)
+    groups = param_groups(model, cfg.optim) + (feature_distill.param_groups(cfg.optim) if feature_distill else [])
+    optimizer = build_optimizer(groups, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps)
     scheduler = warmup_cosine(optimizer, plan.warmup, plan.total_steps, cfg.optim.min_lr_ratio)
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.to(device)
@@ -110,7 +115,7 @@ def main(argv=None) -> dict:
     resume_from = resolve_resume(cfg.resume, out)
     if resume_from:
         progress, rng_state = load_det_checkpoint(resume_from, accelerator, model, ema, optimizer, scheduler,
-                                                  plan.total_steps)
+                                                  plan.total_steps, feature_distill)
     accum = cfg.optim.grad_accum
     guard = UpdateGuard(accelerator, optimizer, cfg.train.max_bad_steps, progress.bad_steps, progress.bad_in_row)
     sampler = DetectionBatchSampler(
@@ -123,7 +128,7 @@ def main(argv=None) -> dict:
         first = next(batches)
         match_gradient_buckets(model, lambda: model(*model_inputs(first, device, mean, std)))
         batches = itertools.chain([first], batches)
-    parts = DetStepParts(accelerator, model, criterion, optimizer, scheduler, ema, guard, mean, std)
+    parts = DetStepParts(accelerator, model, criterion, optimizer, scheduler, ema, guard, mean, std, feature_distill)
     start_trackers(accelerator, cfg)
     banner(accelerator, cfg.recipe, out, steps=plan.total_steps, steps_per_epoch=plan.steps_per_epoch,
            batch_size=cfg.data.batch_size, grad_accum=accum,
@@ -141,7 +146,7 @@ def main(argv=None) -> dict:
     def checkpoint():
         progress.bad_steps, progress.bad_in_row = guard.check(progress.step)
         save_det_checkpoint(out, accelerator, model, ema, optimizer, scheduler, progress, plan.total_steps, cfg,
-                            writer)
+                            writer, feature_distill)
         return progress.step
 
     # ---- loop -------------------------------------------------------------------------------------
@@ -288,6 +293,7 @@ class DetStepParts:
     guard: UpdateGuard
     mean: object
     std: object
+    feature_distill: Optional[DetFeatureDistill] = None  # the encoder's distillation term (distill.teacher)
 
 
 def model_inputs(batch: dict, device, mean, std) -> tuple[torch.Tensor, list[dict]]:
@@ -299,21 +305,30 @@ def detection_step(p: DetStepParts, micro_batches: list[dict], cfg, step: int) -
     """One optimizer step over `grad_accum` micro-batches: forward, matching and losses in full precision,
     backward, clipping, a guarded update, schedule and EMA. The host waits for the device once per micro-batch,
     when the matcher takes every cost matrix of the batch in one transfer (the assignment runs on the CPU)."""
-    accelerator, device = p.accelerator, p.accelerator.device
+    accelerator, device, distill = p.accelerator, p.accelerator.device, p.feature_distill
     for batch in micro_batches:
         images, targets = model_inputs(batch, device, p.mean, p.std)
         with accelerator.accumulate(p.model):
-            with accelerator.autocast():
+            with accelerator.autocast(), distill.capturing() if distill else nullcontext():
                 outputs = p.model(images, targets)
             with torch.autocast(device.type, enabled=False):  # matching and losses in full precision
                 losses = p.criterion(fp32(outputs), targets)
+            if distill is not None:
+                with accelerator.autocast():
+                    losses |= distill.loss(images)
             loss = sum(losses.values())
             accelerator.backward(loss)
-    grad_norm = accelerator.clip_grad_norm_(p.model.parameters(), cfg.optim.clip_grad or float("inf"))
+    trained = list(p.model.parameters())
+    if distill is not None:
+        distill.after_backward()
+        trained += distill.parameters()  # the head's gradient is clipped with the detector's, as in RT-DETRv4
+    grad_norm = accelerator.clip_grad_norm_(trained, cfg.optim.clip_grad or float("inf"))
     p.guard.step(loss, grad_norm)
     p.optimizer.zero_grad(set_to_none=True)
     p.scheduler.step()
     p.ema.update(accelerator.unwrap_model(p.model), step=step)
+    if distill is not None:
+        distill.end_step(step + 1)
     return losses, grad_norm, images.shape[-1]
 
 
@@ -374,9 +389,10 @@ def total_skipped(accelerator, progress: Progress) -> int:
 
 
 def save_det_checkpoint(folder: Path, accelerator, model, ema, optimizer, scheduler, progress: Progress,
-                        total_steps: int, cfg, writer: CheckpointWriter) -> None:
+                        total_steps: int, cfg, writer: CheckpointWriter,
+                        feature_distill: Optional[DetFeatureDistill] = None) -> None:
     """All processes call this; the main one hands the checkpoint to `writer` (nobody waits for the disk).
-    Every process's RNG state and progress go in."""
+    Every process's RNG state and progress go in; feature distillation's head and weight beside the model's."""
     from accelerate.utils import gather_object
 
     rng = gather_object([capture_rng()])
@@ -388,6 +404,7 @@ def save_det_checkpoint(folder: Path, accelerator, model, ema, optimizer, schedu
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+            "feature_distill": feature_distill.state_dict() if feature_distill is not None else None,
             "progress": per_process,
             "total_steps": total_steps,
             "rng": rng,
@@ -396,8 +413,8 @@ def save_det_checkpoint(folder: Path, accelerator, model, ema, optimizer, schedu
         writer.submit(state, checkpoint_path(folder, progress.step), cfg.train.keep_ckpts)
 
 
-def load_det_checkpoint(path: Path, accelerator, model, ema, optimizer, scheduler, total_steps: int
-                        ) -> tuple[Progress, dict]:
+def load_det_checkpoint(path: Path, accelerator, model, ema, optimizer, scheduler, total_steps: int,
+                        feature_distill: Optional[DetFeatureDistill] = None) -> tuple[Progress, dict]:
     """Weights, optimizer, schedule and progress in place; this process's RNG state is returned for the
     caller to restore once nothing else will draw from it."""
     state = load_checkpoint(path)
@@ -405,6 +422,11 @@ def load_det_checkpoint(path: Path, accelerator, model, ema, optimizer, schedule
         raise ConfigError(f"{path} belongs to a run of {state.get('total_steps')} steps but this recipe plans "
                           f"{total_steps}; resume with the same recipe, epochs/steps and batch size")
     load_state_strict(accelerator.unwrap_model(model), state["model"], f"checkpoint {path} (model)")
+    if (feature_distill is not None) != (state.get("feature_distill") is not None):
+        raise ConfigError(f"{path} was saved {'with' if state.get('feature_distill') else 'without'} feature "
+                          f"distillation (distill.teacher); resume with the recipe it was saved with")
+    if feature_distill is not None:
+        feature_distill.load_state_dict(state["feature_distill"])
     ema.module.load_state_dict(state["ema"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

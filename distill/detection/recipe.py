@@ -28,7 +28,9 @@ from distill.config import (
     load_config,
 )
 from distill.detection.criterion import CLASSIFICATION_LOSSES
+from distill.detection.feature_distill import ATTENTION_LEVEL, SCHEDULES
 from distill.detection.rtdetr import HEADS, RTDETRConfig, check_head
+from distill.feature_losses import FEATURE_LOSSES
 
 
 @dataclass
@@ -98,6 +100,33 @@ class DetEvalConfig:
 
 
 @dataclass
+class DetDistillConfig:
+    """Feature distillation from a frozen teacher into the encoder, in training only (RT-DETRv4's idea;
+    `distill.detection.feature_distill`). Off while `teacher` is null. The defaults are RT-DETRv4-S's."""
+
+    teacher: Optional[str] = None  # timm name, e.g. vit_small_patch14_dinov2.lvd142m (RT-DETRv4: DINOv3 ViT-B/16)
+    teacher_pretrained: bool = True  # hub weights: a foundation model's features are the point
+    # The side the teacher sees (resized from the batch); null: its own pretrained side. RT-DETRv4 gives its
+    # /16 ViT half the detector's side, so that its patch grid is the stride-32 grid (320 for 640).
+    teacher_img_size: Optional[int] = None
+    teacher_features: int = -1  # index into its features_only layers (a ViT's blocks); -1: the last (RT-DETRv4)
+    # Which encoder map learns the teacher's: "attention", the intra-scale attention's output on the coarsest
+    # level before the cross-scale fusion (RT-DETRv4: AIFI's output, stride 32), or one of the encoder's
+    # output strides (e.g. 16)
+    encoder_level: str = ATTENTION_LEVEL
+    loss: str = "cosine"  # cosine (RT-DETRv4: 1 - cosine similarity per location) | mse | smooth_l1
+    weight: float = 5.0  # RT-DETRv4-S and M: 5 (L 15, X 20); the start of the adaptive schedule
+    schedule: str = "adaptive"  # constant: `weight` throughout; adaptive: RT-DETRv4's, from the gradient share
+    # adaptive: the encoder attention's target share of the gradient's L1 mass, in percent, and its band
+    # (RT-DETRv4-S: rho 11, delta 1; M: 3.5, 0.25; L: 2, 0.1; X: 2, 0.25)
+    grad_share: float = 11.0
+    grad_share_tolerance: float = 1.0
+    # adaptive: the weight in the last epochs without strong augmentation, and after an epoch in which the
+    # attention got no gradient (RT-DETRv4's default_weight: S 20, M 15, L 15, X 20)
+    final_weight: float = 20.0
+
+
+@dataclass
 class DetConfig:
     recipe: str = ""
     output_dir: Optional[str] = None  # default: runs/<recipe> (runs/<recipe>-2, ... when that holds a run)
@@ -108,6 +137,7 @@ class DetConfig:
     optim: DetOptimConfig = field(default_factory=DetOptimConfig)
     train: DetTrainConfig = field(default_factory=DetTrainConfig)
     eval: DetEvalConfig = field(default_factory=DetEvalConfig)
+    distill: DetDistillConfig = field(default_factory=DetDistillConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
@@ -119,6 +149,8 @@ DET_CHOICES = {
     "model.class_loss": CLASSIFICATION_LOSSES,
     "data.generate": (None, "det_demo"),
     "train.precision": ("auto", "no", "bf16", "fp16"),
+    "distill.loss": tuple(FEATURE_LOSSES),
+    "distill.schedule": SCHEDULES,
 }
 
 
@@ -172,6 +204,11 @@ DET_RANGES = {
     "eval.num_top": at_least(1, 100_000),
     "eval.visualize": at_least(0, 1000),
     "eval.score_threshold": PROBABILITY,
+    "distill.teacher_img_size": SIDE,
+    "distill.weight": above(0),
+    "distill.grad_share": above(0, 100, hi_open=True),
+    "distill.grad_share_tolerance": at_least(0, 100),
+    "distill.final_weight": above(0),
 }
 
 
