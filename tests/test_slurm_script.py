@@ -1,4 +1,5 @@
-"""scripts/slurm_pretrain.sbatch run as a command: it makes its log folder, then submits itself."""
+"""The SLURM scripts: run as a command they make their log folder and submit themselves; inside a job their
+requeue logic turns the requeue exit status into `scontrol requeue` and leaves finished or failed runs alone."""
 import os
 import shutil
 import subprocess
