@@ -12,9 +12,9 @@ torch.set_num_threads(1)
 # Files whose tests launch whole runs, longest first. The suite runs on two pytest-xdist workers with a file's
 # tests on one worker (module fixtures are shared runs); starting the long files first lets both workers end
 # together instead of one finishing a ten-minute file alone.
-LONG_FIRST = ["test_demo.py", "test_cluster.py", "test_pretrain.py", "test_entry_points.py", "test_offline.py",
-              "test_det_cluster.py", "test_det_train.py", "test_curate.py", "test_det_model_train.py",
-              "test_feature_distill.py", "test_packaging.py"]
+LONG_FIRST = ["test_demo.py", "test_cluster.py", "test_demo_signals.py", "test_pretrain.py", "test_entry_points.py",
+              "test_offline.py", "test_det_cluster.py", "test_det_train.py", "test_curate.py",
+              "test_det_model_train.py", "test_feature_distill.py", "test_packaging.py"]
 
 
 def pytest_collection_modifyitems(items):

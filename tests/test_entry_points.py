@@ -179,7 +179,7 @@ def value_for(type_name: str):
     base = type_name.replace("Optional[", "").removesuffix("]") if type_name.startswith("Optional[") else type_name
     typed = TYPED.get(base, junk)
     return st.one_of(typed, typed, typed, junk)  # three in four of the key's type
-PROPERTY = settings(max_examples=100, deadline=None, derandomize=True,
+PROPERTY = settings(max_examples=50, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
