@@ -239,6 +239,7 @@ def above(lo: float, hi: Optional[float] = None, hi_open: bool = False) -> Range
     return Range(lo, hi, lo_open=True, hi_open=hi_open)
 
 
+TIMEOUT = above(0, 7 * 24 * 3600)  # seconds a collective may wait: a week at most, beyond any real wait
 FRACTION = Range(0.0, 1.0, hi_open=True)  # [0, 1): dropout, label smoothing
 PROBABILITY = Range(0.0, 1.0)  # [0, 1]
 SIDE = at_least(1, MAX_SIDE)
@@ -308,7 +309,7 @@ PRETRAIN_RANGES = {
     "train.keep_ckpts": at_least(1),
     "train.eval_every": at_least(0),
     "train.max_bad_steps": at_least(1),
-    "cluster.timeout_s": above(0),
+    "cluster.timeout_s": TIMEOUT,
 }
 
 

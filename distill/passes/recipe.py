@@ -15,6 +15,7 @@ from distill.config import (
     MEAN_STD,
     RECIPE_DIR,
     SEED,
+    TIMEOUT,
     SIDE,
     WORKERS,
     ClusterConfig,
@@ -128,7 +129,7 @@ CURATE_RANGES = {
     "num_workers": WORKERS,
     "checkpoint_every": at_least(1),
     "seed": SEED,
-    "cluster.timeout_s": above(0),
+    "cluster.timeout_s": TIMEOUT,
 }
 
 
@@ -195,7 +196,7 @@ LABEL_RANGES = {
     "batch_size": BATCH,
     "num_workers": WORKERS,
     "seed": SEED,
-    "cluster.timeout_s": above(0),
+    "cluster.timeout_s": TIMEOUT,
 }
 
 
