@@ -39,6 +39,13 @@ def deformable_attention_core(
     return out.reshape(b, heads * dim, queries).transpose(1, 2)
 
 
+def head_rays(num_heads: int) -> torch.Tensor:
+    """(num_heads, 2) directions spread evenly around the circle, scaled so the longer component is 1."""
+    angles = torch.arange(num_heads, dtype=torch.float32) * (2 * math.pi / num_heads)
+    rays = torch.stack([angles.cos(), angles.sin()], -1)
+    return rays / rays.abs().max(-1, keepdim=True).values
+
+
 class MSDeformableAttention(nn.Module):
     def __init__(self, embed_dim: int = 256, num_heads: int = 8, num_levels: int = 3, num_points: int = 4,
                  offset_scale: float = 0.5):
@@ -56,9 +63,7 @@ class MSDeformableAttention(nn.Module):
     def reset_parameters(self) -> None:
         # offsets start on rays in each head's own direction, point k at distance k: a spread-out initial pattern
         nn.init.zeros_(self.sampling_offsets.weight)
-        angles = torch.arange(self.num_heads, dtype=torch.float32) * (2 * math.pi / self.num_heads)
-        rays = torch.stack([angles.cos(), angles.sin()], -1)
-        rays = rays / rays.abs().max(-1, keepdim=True).values
+        rays = head_rays(self.num_heads)
         steps = torch.arange(1, self.num_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
         grid = rays.view(self.num_heads, 1, 1, 2).repeat(1, self.num_levels, self.num_points, 1) * steps
         with torch.no_grad():
@@ -110,9 +115,7 @@ class DeformableSampling(nn.Module):
     def reset_parameters(self) -> None:
         # as MSDeformableAttention: rays in each head's direction, point k of a level at distance k
         nn.init.zeros_(self.sampling_offsets.weight)
-        angles = torch.arange(self.num_heads, dtype=torch.float32) * (2 * math.pi / self.num_heads)
-        rays = torch.stack([angles.cos(), angles.sin()], -1)
-        rays = rays / rays.abs().max(-1, keepdim=True).values
+        rays = head_rays(self.num_heads)
         steps = torch.cat([torch.arange(1, n + 1, dtype=torch.float32) for n in self.points_per_level])
         with torch.no_grad():
             self.sampling_offsets.bias.copy_((rays[:, None, :] * steps[None, :, None]).flatten())
