@@ -42,7 +42,7 @@ class StudentConfig:
     num_classes: int = 1000
     drop_rate: float = 0.0  # dropout before the classifier only, as in the paper
     drop_path_rate: float = 0.0
-    channels_last: Optional[bool] = None  # null: on where CUDA is (faster convolutions there, slower on CPUs)
+    channels_last: Optional[bool] = None  # null: on where CUDA is (on CPUs it depends on model and torch)
     # torch.compile in place: DDP wraps the compiled module and checkpoint keys stay plain. It costs a minute
     # or two of compilation at the start (and again after a resume) for faster steps on a GPU.
     compile: bool = False

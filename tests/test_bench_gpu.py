@@ -1,14 +1,14 @@
 """The prepared GPU benchmark stays runnable: its smoke mode runs every row on the CPU at tiny sizes."""
 import re
-import subprocess
-import sys
 from pathlib import Path
+
+import launches
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_gpu.py"
 
 
 def test_smoke_run_prints_every_row_with_a_ratio():
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke"], capture_output=True, text=True, timeout=600)
+    proc = launches.run(str(SCRIPT), "--smoke", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert out.startswith("device: CPU") and "| figure | measured | ratio | target |" in out

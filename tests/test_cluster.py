@@ -132,10 +132,11 @@ FAULTY = str(Path(__file__).resolve().parent / "faulty_pretrain.py")
 
 
 def faulty_launch(cluster, out: Path, faults: dict, *args: str):
-    """Three processes of the cluster's run with the faults of tests/faulty_pretrain.py and a 4 s timeout."""
+    """Three processes of the cluster's run with the faults of tests/faulty_pretrain.py and a 4 s timeout. A
+    process still there 3 s after another failed is killed (the one that never arrives sleeps for an hour)."""
     os.environ.update(faults)
     try:
-        return torchrun(FAULTY, 3, out, f"recipe={cluster / 'base.yaml'}", "cluster.timeout_s=4", *args)
+        return torchrun(FAULTY, 3, out, f"recipe={cluster / 'base.yaml'}", "cluster.timeout_s=4", *args, grace=3)
     finally:
         for key in faults:
             del os.environ[key]

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 from copy import deepcopy
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,6 +17,7 @@ import torch
 import webdataset as wds
 from torch import nn
 
+import launches
 from distill.config import ConfigError, load_pretrain_config
 from distill.data.labels import check_labels
 from distill.data.mix import DataMix, MixError
@@ -227,8 +226,8 @@ def test_feature_keys_the_models_cannot_meet_are_refused(override, message, tmp_
 
 def test_an_unlabelled_source_in_a_run_that_reads_labels_fails_in_one_line(tmp_path):
     """Through the command line: exit 2 and one `error:` line naming the key and the source."""
-    proc = subprocess.run([sys.executable, PRETRAIN, "recipe=demo_feature", "loss.kd_weight=1", "loss.ce_weight=0.5",
-                           "dry_run=1", f"data.root={tmp_path}"], capture_output=True, text=True, env=ENV, timeout=300)
+    proc = launches.run(PRETRAIN, "recipe=demo_feature", "loss.kd_weight=1", "loss.ce_weight=0.5", "dry_run=1",
+                        f"data.root={tmp_path}", env=ENV, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: loss.ce_weight=0.5 trains on class labels, but source "
@@ -281,8 +280,7 @@ def test_class_counts_skip_unlabelled_samples(tmp_path):
 
 
 def test_dinov2_recipe_plans_from_an_empty_folder_without_downloads(tmp_path):
-    proc = subprocess.run([sys.executable, PRETRAIN, "recipe=mnv4_conv_s_dinov2", "dry_run=64"], cwd=tmp_path,
-                          capture_output=True, text=True, env=ENV, timeout=300)
+    proc = launches.run(PRETRAIN, "recipe=mnv4_conv_s_dinov2", "dry_run=64", cwd=tmp_path, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     plan = json.loads(proc.stdout.strip().splitlines()[-1])
     f = plan["features"]
@@ -299,10 +297,9 @@ def test_demo_feature_run_lowers_its_feature_loss_and_exports_no_heads(tmp_path)
     """The demo recipe, shortened by keys, in one process: the feature loss falls, the checkpoint carries the
     projection heads (an exact resume needs them), the exported student does not."""
     out = tmp_path / "run"
-    cmd = [sys.executable, PRETRAIN, "recipe=demo_feature", f"output_dir={out}", "teacher.fit_steps=5",
-           "train.steps=30", "train.log_every=10", "optim.warmup_steps=5", "train.trackers=[jsonl]",
-           "data.num_workers=1", "data.batch_size=16"]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=ENV, timeout=600)
+    proc = launches.run(PRETRAIN, "recipe=demo_feature", f"output_dir={out}", "teacher.fit_steps=5", "train.steps=30",
+                        "train.log_every=10", "optim.warmup_steps=5", "train.trackers=[jsonl]", "data.num_workers=1",
+                        "data.batch_size=16", cwd=tmp_path, env=ENV, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     feature = [r["feature"] for r in records if "feature" in r]
@@ -313,8 +310,8 @@ def test_demo_feature_run_lowers_its_feature_loss_and_exports_no_heads(tmp_path)
     assert any(k.startswith(f"{HEADS}.") for k in ckpt["student"])
 
     exported = tmp_path / "exported"
-    proc = subprocess.run([sys.executable, "-m", "distill.export", str(out), "--out", str(exported),
-                           "--weights", "student"], cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=300)
+    proc = launches.run("-m distill.export", str(out), "--out", str(exported), "--weights", "student", cwd=ROOT,
+                        env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     from safetensors.torch import load_file
 

@@ -6,8 +6,6 @@ import io
 import json
 import os
 import signal
-import subprocess
-import sys
 import tarfile
 from collections import defaultdict
 from pathlib import Path
@@ -16,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from launches import finish, run, torchrun
 
 from distill import label_views
 from distill.data.loader import build_train_loader
@@ -269,18 +268,9 @@ def test_interrupted_labelling_resumes_without_relabelling(labelled, world):
 def test_two_processes_write_the_views_one_process_wrote(labelled, world, tmp_path):
     """A real two-process launch (gloo on the CPU): units are split, and every view is the one a single
     process writes (same pixels, same labels)."""
-    import socket
-
     out, _ = labelled
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           label_views.__file__, f"recipe={world / 'label.yaml'}", f"output_dir={tmp_path / 'two'}",
-           "sources=[mixed]", "view.replicas=1", f"teacher.checkpoint={out / 'teacher.pt'}"]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    finish(torchrun(label_views.__file__, 2, tmp_path / "two", f"recipe={world / 'label.yaml'}", "sources=[mixed]",
+                    "view.replicas=1", f"teacher.checkpoint={out / 'teacher.pt'}"), tmp_path / "two")
     records = [json.loads(line) for p in sorted((tmp_path / "two" / ".progress").glob("label-rank*.jsonl"))
                for line in p.read_text().splitlines()]
     assert {r["unit"].split("/")[0] for r in records} == {"mixed"} and len(records) == 12
@@ -323,9 +313,7 @@ data: {{root: {world}, img_size: {IMG}, batch_size: 16, num_workers: 1, val_shar
 optim: {{lr: 0.003, weight_decay: 0.01, warmup_steps: 5, clip_grad: 5.0}}
 train: {{ema_decay: 0.9, log_every: 20, ckpt_every: 1000, trackers: [jsonl]}}
 """)
-    cmd = [sys.executable, PRETRAIN, f"recipe={recipe}", f"output_dir={out}", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    proc = run(PRETRAIN, f"recipe={recipe}", f"output_dir={out}", *args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((out / "summary.json").read_text())
 
@@ -369,20 +357,12 @@ def test_offline_training_lands_in_the_online_accuracy_band(offline_runs, labell
 
 def test_more_processes_than_units_finish_and_label_every_view_once(labelled, world, tmp_path):
     """Three processes, two shards to label: one process has nothing to do and must not hold the others up."""
-    import socket
-
     out, _ = labelled
     (tmp_path / "two_shards.yaml").write_text(
         "sources:\n  mixed: {shards: 'shapes/train/shard-{000000..000001}.tar', augment: {name: inception}, "
         "mixup: true}\n")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", "--master_port", str(port),
-           label_views.__file__, f"recipe={world / 'label.yaml'}", f"output_dir={tmp_path / 'three'}",
-           f"mix={tmp_path / 'two_shards.yaml'}", "view.replicas=1", f"teacher.checkpoint={out / 'teacher.pt'}"]
-    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"} | {"OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    finish(torchrun(label_views.__file__, 3, tmp_path / "three", f"recipe={world / 'label.yaml'}",
+                    f"mix={tmp_path / 'two_shards.yaml'}", "view.replicas=1", f"teacher.checkpoint={out / 'teacher.pt'}"),
+           tmp_path / "three")
     keys = [v["__key__"] for v in stored_views(tmp_path / "three" / "mixed")]
     assert len(keys) == len(set(keys)) == 120

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+import launches
 from distill import curate, label_views
 from distill.config import ConfigError, load_pretrain_config
 from distill.engine.ema import build_ema, decay_at, steps_to_reach
@@ -56,10 +55,9 @@ def test_mnv4_recipes_plan_epochs_of_imagenet_images_at_64_processes(recipe, mod
 
 def test_dry_run_prints_a_summary_then_json_and_reads_nothing(tmp_path):
     """From a folder with no data: exit 0, a readable summary, the JSON plan on the last line, nothing written."""
-    cmd = [sys.executable, str(ROOT / "distill" / "pretrain.py"), "recipe=mnv4_conv_l", "dry_run=64",
-           "teacher.mode=offline", "data.mix=mnv4_offline", f"data.root={tmp_path / 'none'}"]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = launches.run(str(ROOT / "distill" / "pretrain.py"), "recipe=mnv4_conv_l", "dry_run=64",
+                        "teacher.mode=offline", "data.mix=mnv4_offline", f"data.root={tmp_path / 'none'}", cwd=tmp_path,
+                        env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
     plan = json.loads(lines[-1])

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import launches
 import pytest
 import torch
 
@@ -47,13 +48,15 @@ train: {{steps: 20, log_every: 5, ckpt_every: 10, ema_decay: 0.9, trackers: [jso
 
 
 def run(world, out: Path, *args: str, launcher=(sys.executable,), check=True, background=False, env=None):
-    cmd = [*launcher, PRETRAIN, f"recipe={world / 'base.yaml'}", f"output_dir={out}", *args]
+    argv = [f"recipe={world / 'base.yaml'}", f"output_dir={out}", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     if background:
         out.mkdir(parents=True, exist_ok=True)
-        log = open(out.parent / f"{out.name}.log", "w")
-        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        return launches.WARM.start(PRETRAIN, argv, env, out.parent / f"{out.name}.log")
+    if launcher == (sys.executable,):  # one process, forked from the warm interpreter
+        proc = launches.run(PRETRAIN, *argv, env=env)
+    else:
+        proc = subprocess.run([*launcher, PRETRAIN, *argv], env=env, capture_output=True, text=True, timeout=900)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
