@@ -295,7 +295,8 @@ def written_in(layout: str, model, path: Path) -> Path:
 
 @pytest.mark.parametrize("layout", ["reference", "transformers", "ours"])
 def test_init_from_refuses_the_other_head_and_other_bins(dfine, tmp_path, layout):
-    """Weights of the other head, or with other bins, stop the build with one line that says what to set."""
+    """Weights of the other head, or with other bins or sampling points, stop the build with one line that says
+    what to set."""
     rtdetr = build(**RTDETR_CHANGES)
     dfine_weights = written_in(layout, dfine, tmp_path / "dfine.pth")
     rtdetr_weights = written_in(layout, rtdetr, tmp_path / "rtdetr.pth")
@@ -307,6 +308,10 @@ def test_init_from_refuses_the_other_head_and_other_bins(dfine, tmp_path, layout
         (rtdetr_weights, {},
          r"holds RT-DETR weights and this detector has model\.head=dfine: set model\.head=rtdetrv2 to start from them"),
     ]
+    if layout != "ours":  # the official and transformers files store the offset scales that tell the split
+        cases.append((dfine_weights, dict(num_points_per_level=[2, 3, 2]),  # as many points, split otherwise
+                      r"samples \[3, 2, 2\] points per level and this detector \[2, 3, 2\]: "
+                      r"set model\.num_points_per_level=\[3, 2, 2\]$"))
     for path, changes, message in cases:
         with pytest.raises(CheckpointMismatch, match=message) as error:
             build(init_from=str(path), **changes)
