@@ -5,8 +5,9 @@
     python -m distill.predict exported/detector one_image.png --out predictions/one --no-draw
 
 SOURCE is a detection run folder (its newest checkpoint), a checkpoint file, or a folder exported by
-`python -m distill.export` (`--to hf-rtdetr`: read back into this project's model; `--to onnx`: run in
-onnxruntime). IMAGES is a folder (its images, sorted), a glob pattern or one file.
+`python -m distill.export` (`--to hf-rtdetr` or `--to hf-dfine`: read back into this project's model;
+`--to onnx`: run in onnxruntime), of either decoder head. IMAGES is a folder (its images, sorted), a glob
+pattern or one file.
 
 OUT receives `predictions.json`, in COCO format: `images` (ids numbered in file order, file names, sizes),
 `categories` (the training set's ids and names) and `annotations`, one per detection at or above
@@ -222,7 +223,8 @@ def predict_images(predictor: Predictor, paths: Sequence[Path], out: Path, thres
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m distill.predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", help="a detection run folder, a checkpoint, or an exported folder (hf-rtdetr, onnx)")
+    p.add_argument("source",
+                   help="a detection run folder, a checkpoint, or an exported folder (hf-rtdetr, hf-dfine, onnx)")
     p.add_argument("images", help="a folder, a glob pattern (quote it) or one image file")
     p.add_argument("--out", required=True, help="folder for predictions.json and the drawn images")
     p.add_argument("--threshold", type=float, default=0.3, help="lowest score kept (default: 0.3)")

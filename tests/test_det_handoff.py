@@ -3,7 +3,8 @@
   outputs; official RT-DETRv2 checkpoints and transformers folders load with a report;
 - the whole fine-tuned detector out to transformers (`--to hf-rtdetr`): reloaded by transformers alone, same
   logits, boxes and post-processed detections as this project's model and `distill.predict`;
-- the deploy form (RepVGG fused, batch norms folded) and `python -m distill.predict`.
+- the deploy form (RepVGG fused, batch norms folded) and `python -m distill.predict`, with either head (the
+  D-FINE head with D-FINE's neck: `DFINE_MODEL`).
 """
 import json
 import shutil
@@ -25,6 +26,9 @@ MODEL = dict(backbone=BACKBONE, backbone_checkpoint=None, pretrained_backbone=Fa
              expansion=0.5, num_queries=20, num_decoder_layers=2, num_heads=2, num_points=2, dim_feedforward=64,
              fusion_block="csp_repvgg", downsample="conv", encoder_attention="aifi", num_denoising=10,
              label_noise_ratio=0.5, box_noise_scale=1.0, out_strides=[8, 16, 32], depth_mult=1.0, dropout=0.0)
+# the same size with D-FINE's head and neck (rep_elan fusion, scdown_linear downsampling, one unit per block)
+DFINE_MODEL = {**MODEL, "head": "dfine", "fusion_block": "rep_elan", "downsample": "scdown_linear", "depth_mult": 0.34,
+               "num_points_per_level": [3, 2, 2], "reg_max": 16, "reg_scale": 4.0}
 CATEGORIES = [{"id": 1, "name": "circle"}, {"id": 4, "name": "square"}, {"id": 7, "name": "star"}]
 
 
@@ -59,26 +63,52 @@ def shapes_image(width, height, seed):
     return image
 
 
-@pytest.fixture(scope="module")
-def det_run(tmp_path_factory):
-    """A detection run folder as fine-tuning leaves it (checkpoint, categories.json), with non-trivial weights,
-    and a folder of images of several sizes."""
-    root = tmp_path_factory.mktemp("handoff")
-    torch.manual_seed(0)
-    model = randomise(build_rtdetr(RTDETRConfig(**{**MODEL, "out_strides": (8, 16, 32)})))
-    with torch.no_grad():  # well spread scores, a few confident, as a trained detector gives (no near-ties)
+def spread_scores(model, side=SIDE):
+    """Well spread scores, a few confident, as a trained detector gives (no near-ties that would make the top-K
+    order arbitrary): a steeper last score head, shifted so that 5% of the logits are positive."""
+    with torch.no_grad():
         head = model.decoder.score_heads[-1]
         head.weight.mul_(15)
-        logits = model.eval()(torch.rand(4, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(9)))["pred_logits"]
+        logits = model.eval()(torch.rand(4, 3, side, side, generator=torch.Generator().manual_seed(9)))["pred_logits"]
         head.bias.sub_(logits.flatten().quantile(0.95))
+    return model
+
+
+def save_detection_run(folder, model_cfg, seed=0):
+    """A detection run folder as fine-tuning leaves it (checkpoint, categories.json), with non-trivial weights."""
+    torch.manual_seed(seed)
+    model = spread_scores(randomise(build_rtdetr(RTDETRConfig(**{**model_cfg, "out_strides": (8, 16, 32)}))))
     state = model.state_dict()
-    config = {"recipe": "tiny", "model": MODEL, "data": {"img_size": SIDE}, "eval": {"num_top": 20}}
+    config = {"recipe": "tiny", "model": model_cfg, "data": {"img_size": SIDE}, "eval": {"num_top": 20}}
     atomic_save({"model": state, "ema": state, "optimizer": {}, "progress": [{"step": 3}], "config": config},
-                checkpoint_path(root / "run", 3))
-    (root / "run" / "categories.json").write_text(json.dumps(CATEGORIES))
-    (root / "images").mkdir()
+                checkpoint_path(folder, 3))
+    (folder / "categories.json").write_text(json.dumps(CATEGORIES))
+    return folder
+
+
+def write_images(folder):
+    """Shapes images of several sizes."""
+    folder.mkdir()
     for i, (w, h) in enumerate([(160, 120), (96, 96), (200, 150), (120, 160)]):
-        Image.fromarray(shapes_image(w, h, i)).save(root / "images" / f"im{i}.png")
+        Image.fromarray(shapes_image(w, h, i)).save(folder / f"im{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def det_run(tmp_path_factory):
+    """A detection run (RT-DETRv2 head) at `root/run` and a folder of images at `root/images`."""
+    root = tmp_path_factory.mktemp("handoff")
+    save_detection_run(root / "run", MODEL)
+    write_images(root / "images")
+    return root
+
+
+@pytest.fixture(scope="module")
+def dfine_run(tmp_path_factory):
+    """The same with D-FINE's head and neck."""
+    root = tmp_path_factory.mktemp("handoff_dfine")
+    save_detection_run(root / "run", DFINE_MODEL)
+    write_images(root / "images")
     return root
 
 
@@ -267,10 +297,16 @@ def test_hf_export_refuses_a_detector_transformers_cannot_hold(tmp_path, capsys)
     assert not (tmp_path / "hf").exists()
 
 
+DFINE_SWAPS = {k: DFINE_MODEL[k] for k in ("head", "fusion_block", "downsample", "depth_mult", "num_points_per_level",
+                                           "reg_max")}
+
+
 @pytest.mark.parametrize("backbone,swaps", [("mobilenetv4_conv_small_035", {}), ("repvit_m0_9", {}),
                                             ("torchvision/shufflenet_v2_x0_5", {}),
                                             ("test_efficientnet", {"fusion_block": "uib", "encoder_attention": "psa",
-                                                                   "downsample": "scdown"})])
+                                                                   "downsample": "scdown"}),
+                                            ("mobilenetv4_conv_small_035", DFINE_SWAPS),
+                                            ("repvit_m0_9", DFINE_SWAPS)])
 def test_deploy_form_folds_every_batch_norm_and_keeps_outputs(backbone, swaps):
     from distill.detection.blocks import RepVGGUnit
     from distill.detection.deploy import deploy_form
@@ -284,7 +320,9 @@ def test_deploy_form_folds_every_batch_norm_and_keeps_outputs(backbone, swaps):
         deploy_form(model)
         got = model(x)
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    assert all(u.fused is not None for u in model.modules() if isinstance(u, RepVGGUnit))
+    units = [u for u in model.modules() if isinstance(u, RepVGGUnit)]
+    assert all(u.fused is not None for u in units)
+    assert units or config.fusion_block not in ("csp_repvgg", "rep_elan")  # both fusion blocks are made of them
     assert (got["pred_logits"] - want["pred_logits"]).abs().max() < 1e-4
     assert (got["pred_boxes"] - want["pred_boxes"]).abs().max() < 1e-4
 
@@ -336,17 +374,19 @@ def test_predict_writes_coco_predictions_and_pictures(det_run, tmp_path, capsys)
                        atol=0.02)
 
 
-def test_predict_from_exported_folders_agrees_with_the_run(det_run, tmp_path):
+@pytest.mark.parametrize("run_fixture, hf_target", [("det_run", "hf-rtdetr"), ("dfine_run", "hf-dfine")])
+def test_predict_from_exported_folders_agrees_with_the_run(run_fixture, hf_target, request, tmp_path):
     pytest.importorskip("onnxruntime")
     from distill.predict import main as predict_main
 
-    run_export(det_run / "run", "--to", "hf-rtdetr", "--out", tmp_path / "hf")
-    run_export(det_run / "run", "--to", "onnx", "--out", tmp_path / "onnx")
+    root = request.getfixturevalue(run_fixture)
+    run_export(root / "run", "--to", hf_target, "--out", tmp_path / "hf")
+    run_export(root / "run", "--to", "onnx", "--out", tmp_path / "onnx")
     found = {}
-    for name, source in [("run", det_run / "run"), ("hf", tmp_path / "hf"), ("onnx", tmp_path / "onnx")]:
-        found[name] = predict_main([str(source), str(det_run / "images"), "--out", str(tmp_path / name),
+    for name, source in [("run", root / "run"), ("hf", tmp_path / "hf"), ("onnx", tmp_path / "onnx")]:
+        found[name] = predict_main([str(source), str(root / "images"), "--out", str(tmp_path / name),
                                     "--threshold", "0.2", "--no-draw", "--num-workers", "0"])
-    assert found["run"]["annotations"]
+    assert len(found["run"]["annotations"]) >= 4
     for name in ("hf", "onnx"):
         assert found[name]["categories"] == CATEGORIES
         a, b = found["run"]["annotations"], found[name]["annotations"]

@@ -1,12 +1,14 @@
 """The D-FINE head in and out of the other layouts users hold its weights in:
 - out to transformers (`--to hf-dfine`): a folder transformers loads alone as D-FINE, with the same logits and
-  boxes as this project's model; each head refuses the other head's target;
+  boxes as this project's model and the same detections as the run's ONNX export; each head refuses the other
+  head's target;
 - in (`model.init_from`): official D-FINE / DEIM `.pth` weights and transformers D-FINE folders load with equal
   outputs; weights of the other head and other distribution bins (`reg_max`) are refused.
 """
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 from distill.detection.dfine_layout import layout_keys  # noqa: E402
 from distill.detection.rtdetr import RTDETRConfig, build_rtdetr  # noqa: E402
 from distill.engine.checkpoint import CheckpointMismatch, atomic_save, checkpoint_path  # noqa: E402
-from test_det_handoff import CATEGORIES, randomise, run_export  # noqa: E402
+from test_det_handoff import CATEGORIES, SIDE, dfine_run, randomise, run_export  # noqa: E402, F401 (a fixture)
 
 BACKBONE = "mobilenetv4_conv_small_035"
 # D-FINE's own neck (rep_elan, scdown_linear) at width 32, two decoder layers, 16 + 1 bins per edge
@@ -80,6 +82,54 @@ def test_hf_dfine_export_reloads_as_dfine_with_equal_outputs(dfine, tmp_path):
         assert max_difference(outputs(dfine, x), outputs(back, x)) < 1e-5
 
 
+def test_hf_dfine_folder_detects_as_the_onnx_export(dfine_run, tmp_path):
+    """The acceptance check of the D-FINE hand-off: one saved run exported `--to hf-dfine` (loaded by
+    transformers alone: `AutoModelForObjectDetection`, `AutoImageProcessor`) and `--to onnx` (run in
+    onnxruntime) gives the same detections on the same image files.
+
+    Inputs: ONNX takes the images as `distill.predict` feeds it (resized to the run's side, antialiased
+    bilinear, RGB in [0, 1]; normalised inside the graph); the transformers model takes its image processor's
+    `pixel_values` of the same files, checked equal to that normalised input (1e-5). Post-processing:
+    transformers' `post_process_object_detection` on the transformers logits and boxes (sigmoid, top K over
+    queries x classes with K = the query count, cxcywh to xyxy scaled to each image's (height, width)), with a
+    threshold of 0 so that all K stay; the ONNX graph ends in this project's post-processor, the same top K
+    (the run's eval.num_top, here the query count) in the same pixels. Compared, rank by rank: scores (1e-4),
+    labels (equal) and boxes divided by the image's width and height (1e-4 of the image)."""
+    ort = pytest.importorskip("onnxruntime")
+    from PIL import Image
+
+    from distill.predict import ImageFiles
+
+    run_export(dfine_run / "run", "--to", "hf-dfine", "--out", tmp_path / "hf")
+    run_export(dfine_run / "run", "--to", "onnx", "--out", tmp_path / "onnx")
+    hf = transformers.AutoModelForObjectDetection.from_pretrained(str(tmp_path / "hf")).eval()
+    processor = transformers.AutoImageProcessor.from_pretrained(str(tmp_path / "hf"))
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert type(hf).__name__ == "DFineForObjectDetection" and hf.config.num_queries == 20
+
+    paths = sorted((dfine_run / "images").iterdir())
+    files = ImageFiles(paths, SIDE)
+    images = torch.stack([files[i]["image"] for i in range(len(paths))]).float() / 255
+    sizes = torch.tensor([files[i]["size"] for i in range(len(paths))], dtype=torch.float32)  # (width, height)
+    scores, labels, boxes = session.run(["scores", "labels", "boxes"],
+                                        {"images": images.numpy(), "orig_sizes": sizes.numpy()})
+
+    card = json.loads((tmp_path / "hf" / "distill.json").read_text())["input"]
+    mean, std = (torch.tensor(card[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    inputs = processor(images=[Image.open(p).convert("RGB") for p in paths], return_tensors="pt")
+    assert (inputs["pixel_values"] - (images - mean) / std).abs().max() < 1e-5  # the same input
+    with torch.no_grad():
+        theirs = processor.post_process_object_detection(hf(**inputs), threshold=0.0, target_sizes=sizes.flip(1))
+
+    assert scores.max() > 0.5 and scores.max() - scores.min() > 0.2  # spread scores, not a degenerate model
+    for i, d in enumerate(theirs):
+        assert len(d["scores"]) == scores.shape[1] == 20
+        assert np.abs(d["scores"].numpy() - scores[i]).max() < 1e-4
+        assert np.array_equal(d["labels"].numpy(), labels[i])
+        side = sizes[i].repeat(2).numpy()  # (w, h, w, h)
+        assert np.abs(d["boxes"].numpy() / side - boxes[i] / side).max() < 1e-4
+
+
 @pytest.mark.parametrize("head, target, other", [("dfine", "hf-rtdetr", "hf-dfine"),
                                                  ("rtdetrv2", "hf-dfine", "hf-rtdetr")])
 def test_each_head_refuses_the_other_heads_target(tmp_path, capsys, head, target, other):
@@ -100,8 +150,12 @@ def test_each_head_refuses_the_other_heads_target(tmp_path, capsys, head, target
 # ----------------------------------------------------------------------------------------------- in
 
 
-def official_state(model) -> dict:
-    """`model`'s encoder and decoder as the official D-FINE code names them, with the constants it stores."""
+def official_state(model, eval_side=None) -> dict:
+    """`model`'s encoder and decoder as the official D-FINE code names them, with the constants it stores:
+    `up` and `reg_scale` (twice each), each cross-attention's offset scales and, for a model built with an
+    evaluation side, the anchors and their validity mask."""
+    from distill.detection.decoder import generate_anchors
+
     state = {}
     for key, value in model.state_dict().items():
         if not key.startswith("backbone."):
@@ -110,6 +164,11 @@ def official_state(model) -> dict:
     for prefix in ("decoder.", "decoder.decoder."):
         state[prefix + "up"] = torch.tensor([0.5])
         state[prefix + "reg_scale"] = torch.tensor([model.cfg.reg_scale])
+    for i, layer in enumerate(model.decoder.layers):
+        state[f"decoder.decoder.layers.{i}.cross_attn.num_points_scale"] = layer.cross_attn.point_scale.flatten()
+    if eval_side:
+        shapes = [(eval_side // s, eval_side // s) for s in model.backbone.strides]
+        state["decoder.anchors"], state["decoder.valid_mask"] = generate_anchors(shapes)
     return state
 
 
@@ -132,10 +191,44 @@ def test_init_from_an_official_dfine_checkpoint(dfine, tmp_path):
     report = model.init_report
     assert report.layout == "reference" and not report.skipped and not report.reinitialised
     assert len(report.loaded) == len([k for k in dfine.state_dict() if not k.startswith("backbone.")])
-    assert sorted(report.unused) == ["decoder.decoder.reg_scale", "decoder.decoder.up", "decoder.reg_scale",
-                                     "decoder.up"]  # the constants, checked, not loaded
+    assert sorted(report.unused) == sorted(  # the constants, checked, not loaded
+        ["decoder.decoder.reg_scale", "decoder.decoder.up", "decoder.reg_scale", "decoder.up"]
+        + [f"decoder.decoder.layers.{i}.cross_attn.num_points_scale" for i in range(2)])
     for x in INPUTS:
         assert max_difference(outputs(model, x), outputs(dfine, x)) < 1e-5
+
+
+def test_init_from_an_official_dfine_s_checkpoint(tmp_path):
+    """D-FINE-S's size: tests/data/dfine_s_layout.json (scripts/make_dfine_s_layout.py, from the official D-FINE
+    code at 4a1f73a8) holds the name and shape of every encoder and decoder tensor the official model classes
+    hold at D-FINE-S's size. Our `dfine_s` preset with D-FINE's neck, on timm's HGNetv2-B0 (D-FINE-S's backbone,
+    whose maps have its channels 256 / 512 / 1024), written in the official names with random weights, gives
+    exactly those tensors; `model.init_from` loads it back whole, with equal outputs. The backbone is ours
+    (timm's names, not the official's): not in the file, kept as given."""
+    from distill.detection.rtdetr import rtdetr_config
+
+    layout = json.loads((Path(__file__).parent / "data" / "dfine_s_layout.json").read_text())
+    cfg = rtdetr_config("hgnetv2_b0", 80, preset="dfine_s", fusion_block="rep_elan", downsample="scdown_linear")
+    torch.manual_seed(0)
+    source = randomise(build_rtdetr(cfg)).eval()
+    state = official_state(source, eval_side=layout["decoder"]["eval_spatial_size"][0])
+    shapes = {k: list(v.shape) for k, v in state.items()}
+    assert sorted(shapes) == sorted(layout["shapes"])  # key by key
+    assert {k: v for k, v in shapes.items() if v != layout["shapes"][k]} == {}
+    torch.save({"model": {}, "ema": {"module": state, "updates": 1}}, tmp_path / "dfine_s.pth")
+
+    torch.manual_seed(5)
+    model = build_rtdetr(RTDETRConfig(**{**cfg.__dict__, "init_from": str(tmp_path / "dfine_s.pth")}))
+    report = model.init_report
+    assert report.layout == "reference" and not report.skipped and not report.reinitialised
+    assert len(report.loaded) == len(layout["shapes"]) - len(report.unused)
+    assert len(report.unused) == 9 and all("scale" in k or k.endswith(("up", "anchors", "valid_mask"))
+                                           for k in report.unused)  # the constants
+    model.backbone.load_state_dict(source.backbone.state_dict())
+    x = torch.rand(1, 3, 160, 160, generator=torch.Generator().manual_seed(3))
+    want, got = outputs(source, x), outputs(model, x)
+    assert want["pred_logits"].std() > 0.1  # not a head at its zero initialisation
+    assert max_difference(got, want) < 1e-5
 
 
 def test_init_from_the_official_decoders_weights_reproduces_its_outputs(tmp_path):
@@ -178,17 +271,73 @@ def test_init_from_a_transformers_dfine_folder(dfine, tmp_path):
     assert "skipped, freshly initialised" in report.summary()
 
 
-def test_init_from_refuses_the_other_head_and_other_bins(dfine, tmp_path):
-    torch.save({"ema": {"module": official_state(dfine)}}, tmp_path / "dfine.pth")
-    with pytest.raises(CheckpointMismatch, match=r"reg_max=16 .*model\.reg_max=8"):
-        build(init_from=str(tmp_path / "dfine.pth"), reg_max=8)
-    with pytest.raises(CheckpointMismatch, match=r"holds D-FINE weights and this detector has model\.head=rtdetrv2"):
-        build(init_from=str(tmp_path / "dfine.pth"), head="rtdetrv2", num_points_per_level=None)
+RTDETR_CHANGES = dict(head="rtdetrv2", num_points_per_level=None, fusion_block="csp_repvgg", downsample="conv",
+                      depth_mult=1.0)
 
+
+def written_in(layout: str, model, path: Path) -> Path:
+    """`model`'s weights as users hold them: an official `.pth`, a transformers folder or a run checkpoint of
+    this project."""
+    from distill.detection.hf_convert import to_transformers, to_transformers_dfine
     from distill.detection.layouts import to_layout
 
-    rtdetr = build(head="rtdetrv2", num_points_per_level=None, fusion_block="csp_repvgg", downsample="conv")
-    reference = to_layout(rtdetr.state_dict(), "reference", skip=("backbone.",))
-    torch.save({"ema": {"module": reference}}, tmp_path / "rtdetr.pth")
-    with pytest.raises(CheckpointMismatch, match=r"holds RT-DETR weights and this detector has model\.head=dfine"):
-        build(init_from=str(tmp_path / "rtdetr.pth"))
+    if layout == "reference":
+        state = (official_state(model) if model.cfg.head == "dfine"
+                 else to_layout(model.state_dict(), "reference", skip=("backbone.",)))
+        torch.save({"ema": {"module": state}}, path)
+    elif layout == "transformers":
+        convert = to_transformers_dfine if model.cfg.head == "dfine" else to_transformers
+        convert(model, ["a", "b", "c"]).save_pretrained(str(path))
+    else:
+        atomic_save({"model": model.state_dict(), "ema": model.state_dict(), "config": {}}, path)
+    return path
+
+
+@pytest.mark.parametrize("layout", ["reference", "transformers", "ours"])
+def test_init_from_refuses_the_other_head_and_other_bins(dfine, tmp_path, layout):
+    """Weights of the other head, or with other bins or sampling points, stop the build with one line that says
+    what to set."""
+    rtdetr = build(**RTDETR_CHANGES)
+    dfine_weights = written_in(layout, dfine, tmp_path / "dfine.pth")
+    rtdetr_weights = written_in(layout, rtdetr, tmp_path / "rtdetr.pth")
+    cases = [
+        (dfine_weights, dict(reg_max=8), r"has reg_max=16 \(its edge distributions have 17 bins\) and the recipe "
+                                         r"model\.reg_max=8: set model\.reg_max=16$"),
+        (dfine_weights, dict(head="rtdetrv2", num_points_per_level=None),
+         r"holds D-FINE weights and this detector has model\.head=rtdetrv2: set model\.head=dfine to start from them"),
+        (rtdetr_weights, {},
+         r"holds RT-DETR weights and this detector has model\.head=dfine: set model\.head=rtdetrv2 to start from them"),
+    ]
+    if layout != "ours":  # the official and transformers files store the offset scales that tell the split
+        cases.append((dfine_weights, dict(num_points_per_level=[2, 3, 2]),  # as many points, split otherwise
+                      r"samples \[3, 2, 2\] points per level and this detector \[2, 3, 2\]: "
+                      r"set model\.num_points_per_level=\[3, 2, 2\]$"))
+    for path, changes, message in cases:
+        with pytest.raises(CheckpointMismatch, match=message) as error:
+            build(init_from=str(path), **changes)
+        assert str(error.value).startswith(f"model.init_from={path} ") and "\n" not in str(error.value)
+
+
+def test_fine_tuning_from_the_other_heads_weights_stops_with_one_line(tmp_path, capsys):
+    from accelerate.state import AcceleratorState
+
+    from distill.data.synthetic_coco import generate_coco_shapes
+    from distill.finetune_det import main
+
+    weights = written_in("reference", build(**RTDETR_CHANGES), tmp_path / "rtdetrv2.pth")
+    generate_coco_shapes(tmp_path / "data", num_train=2, num_val=1, img_size=96, num_classes=3, max_objects=2)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            main(["recipe=det_demo_dfine", f"data.root={tmp_path / 'data'}", "data.generate=null",
+                  f"output_dir={tmp_path / 'run'}", f"model.init_from={weights}", "model.hidden_dim=32",
+                  "model.dim_feedforward=64", "model.num_heads=2", "model.num_decoder_layers=2", "data.img_size=96",
+                  "data.batch_size=2", "data.num_workers=0", "train.steps=1", "train.trackers=[jsonl]"])
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: model.init_from={weights} holds RT-DETR weights and this detector has "
+                      "model.head=dfine: set model.head=rtdetrv2 to start from them"]
+    assert "Traceback" not in err

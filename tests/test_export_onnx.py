@@ -1,4 +1,6 @@
-"""A fine-tuned RT-DETR exported to ONNX gives in onnxruntime the detections PyTorch gives."""
+"""A fine-tuned RT-DETR exported to ONNX gives in onnxruntime the detections PyTorch gives, with either decoder
+head: RT-DETRv2's, or D-FINE's (its edge distributions, their integral over the weighting function and the
+location-quality term traced into the graph)."""
 import json
 
 import numpy as np
@@ -21,6 +23,10 @@ MODEL = dict(backbone="mobilenetv4_conv_small_035", backbone_checkpoint=None, pr
              num_classes=3, hidden_dim=32, expansion=0.5, num_queries=20, num_decoder_layers=2, num_heads=2,
              num_points=2, dim_feedforward=64, fusion_block="csp_repvgg", downsample="conv",
              encoder_attention="aifi", num_denoising=0, label_noise_ratio=0.5, box_noise_scale=1.0)
+# the same with D-FINE's head and neck
+DFINE_MODEL = {**MODEL, "head": "dfine", "fusion_block": "rep_elan", "downsample": "scdown_linear", "depth_mult": 0.34,
+               "num_points_per_level": [3, 2, 2], "reg_max": 16, "reg_scale": 4.0}
+MODELS = {"rtdetrv2": MODEL, "dfine": DFINE_MODEL}
 
 
 def jitter(state, scale, seed):
@@ -29,13 +35,18 @@ def jitter(state, scale, seed):
             else v for k, v in state.items()}
 
 
-@pytest.fixture(scope="module")
-def det_run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("det") / "run"
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def det_run(request, tmp_path_factory):
+    """A saved run of each head: its folder and checkpoint."""
+    model_cfg = MODELS[request.param]
+    folder = tmp_path_factory.mktemp(f"det_{request.param}") / "run"
     torch.manual_seed(0)
-    state = jitter(build_rtdetr(RTDETRConfig(**MODEL)).state_dict(), 0.05, 1)
+    state = jitter(build_rtdetr(RTDETRConfig(**model_cfg)).state_dict(), 0.05, 1)
+    # a steeper last score head: scores apart as a trained detector's are, so that the top-K order is clear
+    state[f"decoder.score_heads.{model_cfg['num_decoder_layers'] - 1}.weight"] *= 5
     ckpt = {"model": state, "ema": jitter(state, 0.05, 2), "optimizer": {}, "progress": [{"step": 7}],
-            "config": {"recipe": "det_demo", "model": MODEL, "data": {"img_size": SIDE}, "eval": {"num_top": NUM_TOP}}}
+            "config": {"recipe": "det_demo", "model": model_cfg, "data": {"img_size": SIDE},
+                       "eval": {"num_top": NUM_TOP}}}
     atomic_save(ckpt, checkpoint_path(folder, 7))
     return folder, ckpt
 
@@ -57,10 +68,10 @@ def model_input(sizes, seed):
     return batch, torch.tensor(sizes, dtype=torch.float32)
 
 
-def pytorch_detections(state, images, orig_sizes):
+def pytorch_detections(ckpt, weights, images, orig_sizes):
     """The reference: the detector as fine-tuning evaluates it (normalise, forward, post-process)."""
-    model = build_rtdetr(RTDETRConfig(**MODEL))
-    model.load_state_dict(state)
+    model = build_rtdetr(RTDETRConfig(**ckpt["config"]["model"]))
+    model.load_state_dict(ckpt[weights])
     model.eval()
     mean, std = torch.tensor(model.mean).view(1, 3, 1, 1), torch.tensor(model.std).view(1, 3, 1, 1)
     with torch.no_grad():
@@ -91,6 +102,7 @@ def test_onnx_detector_matches_pytorch(det_run, tmp_path):
     assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
     card = json.loads((tmp_path / "onnx" / "distill.json").read_text())
     assert card["input"]["img_size"] == SIDE and card["num_top"] == NUM_TOP
+    assert card["head"] == ckpt["config"]["model"].get("head", "rtdetrv2")
 
     session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
     for sizes in ([(160, 120)], [(160, 120), (96, 96), (300, 200)]):  # the batch axis is dynamic
@@ -98,7 +110,7 @@ def test_onnx_detector_matches_pytorch(det_run, tmp_path):
         got = session.run(["scores", "labels", "boxes"], {"images": images.numpy(), "orig_sizes": orig_sizes.numpy()})
         assert got[2].shape == (len(sizes), NUM_TOP, 4)
         assert (np.diff(got[0], axis=1) <= 0).all()
-        assert_same_detections(got, pytorch_detections(ckpt["ema"], images, orig_sizes))
+        assert_same_detections(got, pytorch_detections(ckpt, "ema", images, orig_sizes))
 
 
 def test_onnx_entry_point_and_raw_weights(det_run, tmp_path, capsys):
@@ -108,14 +120,14 @@ def test_onnx_entry_point_and_raw_weights(det_run, tmp_path, capsys):
     session = ort.InferenceSession(str(tmp_path / "raw" / "model.onnx"), providers=["CPUExecutionProvider"])
     images, orig_sizes = model_input([(128, 128)], seed=5)
     got = session.run(None, {"images": images.numpy(), "orig_sizes": orig_sizes.numpy()})
-    assert_same_detections(got, pytorch_detections(ckpt["model"], images, orig_sizes))
+    assert_same_detections(got, pytorch_detections(ckpt, "model", images, orig_sizes))
     # the raw weights, not the EMA ones
-    assert not np.allclose(got[0], pytorch_detections(ckpt["ema"], images, orig_sizes)[0], atol=1e-4)
+    assert not np.allclose(got[0], pytorch_detections(ckpt, "ema", images, orig_sizes)[0], atol=1e-4)
 
 
 def test_detector_that_does_not_fit_is_refused(det_run, tmp_path, capsys):
     folder, ckpt = det_run
-    other = {**ckpt, "config": {**ckpt["config"], "model": {**MODEL, "num_classes": 5}}}
+    other = {**ckpt, "config": {**ckpt["config"], "model": {**ckpt["config"]["model"], "num_classes": 5}}}
     atomic_save(other, checkpoint_path(tmp_path / "other", 3))
     with pytest.raises(SystemExit) as e:
         export_main([str(tmp_path / "other"), "--out", str(tmp_path / "never")])

@@ -3,7 +3,8 @@
 PATH is an official RT-DETRv2 or D-FINE / DEIM checkpoint (`.pth`: its EMA weights, else its model weights),
 a transformers RT-DETR / RT-DETRv2 / D-FINE folder (`config.json` + `model.safetensors`), or a checkpoint of
 this project. The weights must be of the detector's head (`model.head`), and D-FINE's of its `model.reg_max`
-(the bins of its edge distributions): either mismatch is refused. Every
+(the bins of its edge distributions) and, where the file says, of its split of sampling points over the levels
+when the total is the same (`model.num_points_per_level`): each mismatch is refused with one line. Every
 encoder and decoder tensor whose shape matches is loaded; the backbone is left as given (a distilled one,
 typically); the class-dependent tensors (the score heads and the denoising label embedding) keep their
 fresh initialisation when the class count differs; anything else that does not fit (other widths, other
@@ -135,6 +136,25 @@ def check_same_head(model: nn.Module, source: dict[str, torch.Tensor], path) -> 
     if scale is not None and abs(float(scale.reshape(-1)[0]) - model.cfg.reg_scale) > 1e-6:
         raise CheckpointMismatch(f"model.init_from={path} has reg_scale={float(scale.reshape(-1)[0]):g} and the "
                                  f"recipe model.reg_scale={model.cfg.reg_scale:g}: set model.reg_scale to match")
+    # as many points split otherwise over the levels (D-FINE-S [3, 6, 3], others [4, 4, 4]) give tensors of the
+    # same shapes that would load and sample wrongly; only the offset scales the official and transformers files
+    # store tell them apart. Other totals mis-shape those tensors, which the report lists as skipped.
+    offsets = next((v for k, v in source.items() if k.endswith("num_points_scale")), None)
+    if offsets is not None:
+        theirs, ours = points_per_level(offsets), model.decoder.layers[0].cross_attn.points_per_level
+        if theirs != ours and sum(theirs) == sum(ours):
+            raise CheckpointMismatch(f"model.init_from={path} samples {theirs} points per level and this detector "
+                                     f"{ours}: set model.num_points_per_level={theirs}")
+
+
+def points_per_level(offset_scales: torch.Tensor) -> list[int]:
+    """The points per level behind D-FINE's offset scales (1 / n, repeated n times for a level of n points)."""
+    values, counts, i = offset_scales.flatten().tolist(), [], 0
+    while i < len(values):
+        n = max(1, round(1 / values[i])) if values[i] > 0 else 1
+        counts.append(n)
+        i += n
+    return counts
 
 
 def _source_keys(model: nn.Module, key: str, layout: str) -> list[str] | None:

@@ -6,6 +6,7 @@
     python -m distill.export runs/mnv4_conv_s --to hf-rtdetr --out exported/mnv4_hf     # transformers RT-DETR
     python -m distill.export runs/rtdetr_mnv4_conv_s --out exported/detector            # ONNX of a detector
     python -m distill.export runs/rtdetr_mnv4_conv_s --to hf-rtdetr --out exported/hf   # the whole detector
+    python -m distill.export runs/dfine_elan --to hf-dfine --out exported/hf_dfine        # the same, D-FINE head
 
 Each target is one module holding one `export_*(run, out, ...)` function; `distill.export.targets` maps
 the CLI names to them. Every export writes `distill.json` (the backbone card: feature levels, input normalisation and side,

@@ -2,7 +2,9 @@
 
     python -m distill.export runs/rtdetr_mnv4_conv_s --to onnx --out exported/detector
 
-The detector goes in its deploy form (RepVGG units fused, batch norms folded; `distill.detection.deploy`).
+The detector goes in its deploy form (RepVGG units fused, batch norms folded; `distill.detection.deploy`),
+with either decoder head: D-FINE's traces as RT-DETRv2's does (its weighting function W(n) becomes a constant,
+the edge distributions' softmax, integral and location-quality top-k are ordinary ONNX operators).
 Inputs: `images` (B, 3, S, S) float RGB in [0, 1] at the run's evaluation side S, and `orig_sizes` (B, 2)
 as (width, height) of the original images. Outputs: `scores` (B, K), `labels` (B, K) int64, `boxes`
 (B, K, 4) xyxy in original-image pixels. The batch axis is dynamic; the side is fixed (the decoder's
@@ -83,6 +85,7 @@ def export_onnx_detector(
         "outputs": list(OUTPUTS),
         "input": {"mean": list(mean), "std": list(std), "img_size": side, "range": "[0, 1] RGB, normalised inside"},
         "num_classes": config["model"].get("num_classes"),
+        "head": detector.cfg.head,
         "categories": run.categories,
         "num_top": num_top,
         "opset": opset,
