@@ -1,7 +1,8 @@
 """The pretraining entry point as a small cluster: several gloo processes on the CPU with the hard cases at once.
 
 4 processes x 2 loader workers, more processes than validation shards, a training set whose samples do not
-split evenly over the readers, gradient accumulation, compile (the cheap `eager` backend), SIGKILLs at random
+split evenly over the readers, gradient accumulation, logits and feature maps distilled together (the projection
+heads are trained and checkpointed state too), compile (the cheap `eager` backend), SIGKILLs at random
 checkpoints and resumes, with and without compile. The interrupted run must end bitwise equal to the
 uninterrupted one, its tallies must not grow at a resume, and its evaluation must count every validation
 sample once.
@@ -21,6 +22,7 @@ from distill.data.loader import build_eval_loader
 from distill.data.synthetic import generate_classification
 from distill.engine.checkpoint import atomic_save, list_checkpoints, load_checkpoint
 from distill.models.factory import create_model
+from distill.models.projection import HEADS, without_projection_heads
 
 ROOT = Path(__file__).resolve().parent.parent
 PRETRAIN = str(ROOT / "distill" / "pretrain.py")
@@ -44,11 +46,12 @@ def cluster(tmp_path_factory):
     atomic_save({"model": teacher.state_dict()}, root / "teacher.pt")
     (root / "base.yaml").write_text(
         f"student: {{name: test_resnet, num_classes: 6, drop_rate: 0.3}}\n"
-        f"teacher: {{name: test_resnet, pretrained: false, checkpoint: {root / 'teacher.pt'}}}\n"
+        f"teacher: {{name: test_resnet, pretrained: false, checkpoint: {root / 'teacher.pt'}, features: [2, 3]}}\n"
         f"data: {{mix: {root / 'mix.yaml'}, root: {root}, img_size: 24, batch_size: 4, num_workers: 2,\n"
         f"        val_shards: shapes/val, val_batch_size: 5}}\n"
         f"optim: {{lr: 0.003, warmup_steps: 2, clip_grad: 5.0, grad_accum: 2}}\n"
-        f"loss: {{ce_weight: 0.5}}\n"
+        f"loss: {{ce_weight: 0.5, feature_weight: 0.5}}\n"
+        f"feature: {{strides: [8, 16]}}\n"
         f"train: {{steps: {STEPS}, log_every: 3, ckpt_every: {CKPT_EVERY}, keep_ckpts: 3, ema_decay: 0.9,\n"
         f"         trackers: [jsonl]}}\n"
     )
@@ -78,12 +81,15 @@ def test_one_run_of_four_processes_each_with_its_own_random_stream(reference):
     states = final(reference)["processes"]
     draws = {bytes(s["rng"]["torch"].numpy()) for s in states}
     assert len(draws) == PROCESSES  # dropout and mixup draw differently on every process
+    records = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert [r["feature"] > 0 for r in records if "feature" in r] == [True] * (STEPS // 3)  # logged every 3 steps
+    assert any(k.startswith(f"{HEADS}.") for k in final(reference)["student"])
 
 
 def test_evaluation_counts_every_sample_once_with_more_processes_than_shards(cluster, reference):
     summary = json.loads((reference / "summary.json").read_text())
     model = create_model("test_resnet", num_classes=6)
-    model.load_state_dict(final(reference)["student"])
+    model.load_state_dict(without_projection_heads(final(reference)["student"]))
     model.eval()
     from distill.models.factory import input_spec
     from distill.models.teacher import InputAdapter
