@@ -1,7 +1,7 @@
 """The demo over several seeds: teacher, distilled student and labels-only baseline top-1 of each, as the README's
 table (students by their EMA weights).
 
-    python scripts/demo_seeds.py                 # seeds 0-3, one after another, about 4 minutes each on 2 cores
+    python scripts/demo_seeds.py                 # seeds 0-3, one after another, about 6 minutes each on 2 cores
     python scripts/demo_seeds.py --seeds 1 2 --out runs/demo_seeds
 
 Each seed is `distill/pretrain.py recipe=demo train.seed=N` in a folder of its own under --out (resumed if it
