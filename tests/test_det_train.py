@@ -137,8 +137,9 @@ def test_bad_recipe_keys_and_values_are_refused_before_work(world, tmp_path, cap
 
 
 def test_every_detection_recipe_resolves_into_the_model_config():
-    """The recipe schema is RTDETRConfig itself (same fields, recipe-friendly defaults), and the S-sized
-    recipes follow RT-DETRv2-S: 120 epochs at 640 only, where the larger ones keep multi-scale."""
+    """The recipe schema is RTDETRConfig itself (same fields, recipe-friendly defaults), every detection recipe
+    (RT-DETR's and D-FINE's with DEIM's training) loads, and the S-sized RT-DETR recipes follow RT-DETRv2-S:
+    120 epochs at 640 only, where the larger ones keep multi-scale."""
     from distill.detection.rtdetr import RTDETRConfig
 
     ours, theirs = ({f.name: f for f in dataclasses.fields(c)} for c in (DetModelConfig, RTDETRConfig))
@@ -146,8 +147,9 @@ def test_every_detection_recipe_resolves_into_the_model_config():
     recipe_only = {"backbone", "num_classes", "out_strides", "eval_spatial_size"}  # defaults a recipe needs
     for name in set(ours) - recipe_only:
         assert ours[name].default == theirs[name].default, name
-    recipes = sorted(p.stem for p in (ROOT / "recipes").glob("rtdetr_*.yaml")) + ["det_demo"]
-    assert len(recipes) >= 8
+    recipes = sorted(p.stem for pattern in ("rtdetr_*.yaml", "dfine_*.yaml") for p in (ROOT / "recipes").glob(pattern))
+    recipes += ["deim_base", "det_demo", "det_demo_dfine"]
+    assert len(recipes) >= 17
     for name in recipes:
         cfg = load_det_config([f"recipe={name}"])
         assert cfg.model.backbone and cfg.optim.lr > 0, name

@@ -67,17 +67,17 @@ class DetDataConfig:
     # Mosaic: four images (this one and three drawn from the whole set) scaled to `mosaic_size` on their
     # shorter side, one per quadrant of a 2x2 canvas, then one random affine of the canvas; such a sample skips
     # zoom-out and IoU crop (photometric, flip and resize still apply), as DEIM's
-    mosaic_prob: float = 0.0  # per sample; DEIM: 0.5 (`mosaic_prob`)
-    mosaic_epochs: list[float] = field(default_factory=list)  # DEIM: the policy's first two epochs, e.g. [4, 64]
+    mosaic_prob: float = 0.0  # share of samples made mosaics (DEIM: 0.5, `mosaic_prob`); 0: off
+    mosaic_epochs: list[float] = field(default_factory=list)  # [start, stop); DEIM-S: [4, 64], its policy's first two
     mosaic_size: int = 320  # DEIM's Mosaic `output_size`: each image's shorter side on the canvas
     mosaic_rotation: float = 10.0  # degrees either way (`rotation_range`)
     mosaic_translate: float = 0.1  # share of the canvas either way, per axis (`translation_range`)
-    mosaic_scale: list[float] = field(default_factory=lambda: [0.5, 1.5])  # (`scaling_range`)
+    mosaic_scale: list[float] = field(default_factory=lambda: [0.5, 1.5])  # the affine's scale range (`scaling_range`)
     # MixUp over the batch: each image blended with the previous one in the batch (the first with the last),
     # the targets of both kept, as DEIM's collate function does
-    mixup_prob: float = 0.0  # per batch; DEIM: 0.5 (`mixup_prob`)
-    mixup_epochs: list[float] = field(default_factory=list)  # DEIM's `mixup_epochs`, e.g. [4, 64]
-    mixup_ratio: list[float] = field(default_factory=lambda: [0.45, 0.55])  # this image's share, uniform in it
+    mixup_prob: float = 0.0  # share of batches mixed up (DEIM: 0.5, `mixup_prob`); 0: off
+    mixup_epochs: list[float] = field(default_factory=list)  # [start, stop); DEIM-S: [4, 64] (`mixup_epochs`)
+    mixup_ratio: list[float] = field(default_factory=lambda: [0.45, 0.55])  # each image's own share, drawn in it
 
 
 @dataclass
