@@ -144,7 +144,8 @@ def main(argv=None) -> dict:
            details={"data": f"{len(train_set)} training / {len(val_set)} validation images from {root}, "
                             f"{cfg.model.num_classes} classes, side {list(cfg.data.multiscale) or cfg.data.img_size}",
                     "backbone weights": cfg.model.backbone_checkpoint
-                    or ("hub" if cfg.model.pretrained_backbone else "none (random init)")})
+                    or ("hub" if cfg.model.pretrained_backbone else "none (random init)"),
+                    "augmentation and LR": schedule_summary(cfg, plan)})
 
     if rng_state is not None:
         restore_rng(rng_state)
@@ -297,6 +298,24 @@ def build_scheduler(optimizer, optim_cfg, plan: Plan):
         return flat_cosine(optimizer, plan.warmup, plan.total_steps, plan.flat_until,
                            plan.total_steps - plan.strong_until, optim_cfg.min_lr_ratio)
     return warmup_cosine(optimizer, plan.warmup, plan.total_steps, optim_cfg.min_lr_ratio)
+
+
+def schedule_summary(cfg, plan: Plan) -> str:
+    """One line of when each augmentation runs and how the LR moves, in steps."""
+    parts = [f"strong augmentations in steps [{plan.strong_from}, {plan.strong_until})"
+             if plan.strong_from < plan.strong_until else "no strong augmentation"]
+    for name, prob, (start, stop) in (("mosaic", cfg.data.mosaic_prob, plan.mosaic),
+                                      ("mixup", cfg.data.mixup_prob, plan.mixup)):
+        if prob > 0:
+            parts.append(f"{name} {prob:g} in [{start}, {stop})")
+    if cfg.optim.schedule == "flat_cosine":
+        parts.append(f"LR warm-up {plan.warmup}, flat to step {plan.flat_until}, cosine to x{cfg.optim.min_lr_ratio:g} "
+                     f"by step {plan.strong_until}")
+    elif cfg.optim.min_lr_ratio < 1:
+        parts.append(f"LR warm-up {plan.warmup}, then cosine to x{cfg.optim.min_lr_ratio:g}")
+    else:
+        parts.append(f"LR warm-up {plan.warmup}, then flat")
+    return "; ".join(parts)
 
 
 def mosaic_settings(data_cfg) -> MosaicSettings:
