@@ -4,7 +4,9 @@
     python distill/finetune_det.py recipe=det_demo            # the generated shapes demo, CPU, minutes
 
 RT-DETRv2's recipe: AdamW with a slower backbone, linear warm-up, gradient clipping, EMA weights, strong
-augmentation and multi-scale inputs switched off for the last epochs. The run folder holds config.yaml,
+augmentation and multi-scale inputs switched off for the last epochs. DEIM's training, where a recipe turns
+it on: Mosaic and batch MixUp in given epochs, the strong augmentations from a later epoch, and the
+flat-then-cosine LR schedule (`optim.schedule=flat_cosine`). The run folder holds config.yaml,
 metrics.jsonl, checkpoints, predictions.json, predictions.png and summary.json (AP of the EMA weights).
 """
 from __future__ import annotations
@@ -29,19 +31,21 @@ from distill.errors import ConfigError
 from distill.data.coco import (
     CocoDetection,
     DetectionBatchSampler,
+    Phase,
     batches_per_epoch,
     build_eval_loader,
     build_train_loader,
     targets_to,
     to_model_input,
 )
+from distill.data.det_augment import MosaicSettings
 from distill.data.synthetic_coco import ensure_det_demo
 from distill.detection.criterion import RTDETRCriterion
 from distill.detection.ema import RTDETREma
 from distill.detection.evaluate import evaluate_detector, predict
 from distill.detection.feature_distill import DetFeatureDistill, build_feature_distill
 from distill.detection.postprocess import PostProcessor
-from distill.detection.recipe import load_det_config
+from distill.detection.recipe import check_epochs, epoch_window, load_det_config
 from distill.detection.rtdetr import RTDETRConfig, build_criterion, build_rtdetr
 from distill.detection.run import CATEGORIES_FILE
 from distill.detection.sync_bn import to_sync_batchnorm
@@ -58,7 +62,7 @@ from distill.engine.distributed import match_gradient_buckets, share_buffers, st
 from distill.engine.guards import UpdateGuard, weight_checksums
 from distill.engine.run_dir import choose_run_dir
 from distill.engine.logging import make_accelerator, start_trackers
-from distill.engine.optim import build_optimizer, warmup_cosine
+from distill.engine.optim import build_optimizer, flat_cosine, warmup_cosine
 from distill.engine.preemption import STOP, StopAgreement, stop_here, timeouts_named
 from distill.engine.progress import ProgressBar, banner
 from distill.engine.rng import capture_rng, restore_rng, seed_everything, seed_process
@@ -85,7 +89,8 @@ def main(argv=None) -> dict:
 
     # ---- build ------------------------------------------------------------------------------------
     root = Path(cfg.data.root)
-    train_set = CocoDetection(root / cfg.data.train_images, root / cfg.data.train_ann, True, cfg.data.img_size)
+    train_set = CocoDetection(root / cfg.data.train_images, root / cfg.data.train_ann, True, cfg.data.img_size,
+                              mosaic=mosaic_settings(cfg.data))
     val_set = CocoDetection(root / cfg.data.val_images, root / cfg.data.val_ann, False, cfg.data.img_size,
                             categories=train_set.categories)  # one label mapping: the training set's
     plan = plan_steps(cfg, len(train_set), world)
@@ -107,7 +112,7 @@ def main(argv=None) -> dict:
     feature_distill = build_feature_distill(cfg, model, accelerator, plan.steps_per_epoch, plan.strong_until)
     groups = param_groups(model, cfg.optim) + (feature_distill.param_groups(cfg.optim) if feature_distill else [])
     optimizer = build_optimizer(groups, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps)
-    scheduler = warmup_cosine(optimizer, plan.warmup, plan.total_steps, cfg.optim.min_lr_ratio)
+    scheduler = build_scheduler(optimizer, cfg.optim, plan)
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.to(device)
 
@@ -121,7 +126,10 @@ def main(argv=None) -> dict:
     sampler = DetectionBatchSampler(
         len(train_set), cfg.data.batch_size, list(cfg.data.multiscale) or [cfg.data.img_size],
         plan.total_steps * accum, cfg.train.seed, plan.strong_until * accum, progress.step * accum, rank, world,
-        final_size=cfg.data.img_size,
+        final_size=cfg.data.img_size, strong_from=plan.strong_from * accum,
+        mosaic=Phase(cfg.data.mosaic_prob, plan.mosaic[0] * accum, plan.mosaic[1] * accum),
+        mixup=Phase(cfg.data.mixup_prob, plan.mixup[0] * accum, plan.mixup[1] * accum),
+        mixup_ratio=list(cfg.data.mixup_ratio),
     )
     batches = iter(build_train_loader(train_set, sampler, cfg.data.num_workers, cfg.train.seed))
     if resume_from:  # DDP's gradient buckets as the uninterrupted run had them (see match_gradient_buckets)
@@ -136,7 +144,8 @@ def main(argv=None) -> dict:
            details={"data": f"{len(train_set)} training / {len(val_set)} validation images from {root}, "
                             f"{cfg.model.num_classes} classes, side {list(cfg.data.multiscale) or cfg.data.img_size}",
                     "backbone weights": cfg.model.backbone_checkpoint
-                    or ("hub" if cfg.model.pretrained_backbone else "none (random init)")})
+                    or ("hub" if cfg.model.pretrained_backbone else "none (random init)"),
+                    "augmentation and LR": schedule_summary(cfg, plan)})
 
     if rng_state is not None:
         restore_rng(rng_state)
@@ -233,13 +242,18 @@ class Plan:
     steps_per_epoch: float
     warmup: int
     strong_until: int  # the step at which strong augmentation and multi-scale stop
+    strong_from: int = 0  # the step at which strong augmentation starts (DEIM: epoch 4)
+    mosaic: tuple[int, int] = (0, 0)  # [start, stop) steps of Mosaic (DEIM's training)
+    mixup: tuple[int, int] = (0, 0)  # [start, stop) steps of batch MixUp
+    flat_until: int = 0  # optim.schedule=flat_cosine: the step the cosine starts at
 
 
 def plan_steps(cfg, num_images: int, world_size: int) -> Plan:
     """Steps from epochs (one epoch = every training image once, the incomplete last global batch dropped).
 
     `data.global_batch_size` fixes the total batch on any number of processes (the per-process batch is
-    derived here and written back to the saved configuration)."""
+    derived here and written back to the saved configuration). Epoch keys become steps here, rounded; a run
+    whose length is given in steps has its epoch keys checked against it here (at load for epochs)."""
     accum = cfg.optim.grad_accum
     if cfg.data.global_batch_size:
         if cfg.data.global_batch_size % (world_size * accum):
@@ -253,8 +267,60 @@ def plan_steps(cfg, num_images: int, world_size: int) -> Plan:
     if per_epoch < 1:
         raise ConfigError(f"{num_images} images give less than one step per epoch with grad_accum={accum}")
     total = int(cfg.train.steps) if cfg.train.steps else max(1, math.ceil(cfg.train.epochs * per_epoch))
+    if cfg.train.steps:
+        check_epochs(cfg, total / per_epoch, f"train.steps={total} ({total / per_epoch:g} epochs)")
     strong_until = max(0, total - int(round(cfg.train.no_aug_epochs * per_epoch)))
-    return Plan(total, float(per_epoch), min(int(cfg.optim.warmup_steps), total), strong_until)
+
+    def steps(epochs: float) -> int:
+        return min(total, int(round(float(epochs) * per_epoch)))
+
+    strong_from = min(steps(cfg.train.aug_start_epoch), strong_until)
+
+    def window(key: str) -> tuple[int, int]:
+        epochs = epoch_window(cfg.data[key], f"data.{key}")
+        return (strong_from, strong_until) if epochs is None else (steps(epochs[0]), steps(epochs[1]))
+
+    warmup = min(int(cfg.optim.warmup_steps), total)
+    flat_until = 0
+    if cfg.optim.schedule == "flat_cosine":
+        flat_until = steps(cfg.optim.flat_epochs)
+        if warmup > flat_until:
+            raise ConfigError(f"optim.warmup_steps={warmup} runs past the flat stretch: optim.flat_epochs="
+                              f"{cfg.optim.flat_epochs:g} ends at step {flat_until} ({per_epoch} steps an epoch)")
+    return Plan(total, float(per_epoch), warmup, strong_until, strong_from, window("mosaic_epochs"),
+                window("mixup_epochs"), flat_until)
+
+
+def build_scheduler(optimizer, optim_cfg, plan: Plan):
+    """RT-DETRv2's warm-up (+ optional cosine), or DEIM's flat-then-cosine whose last flat stretch is the
+    epochs without strong augmentation."""
+    if optim_cfg.schedule == "flat_cosine":
+        return flat_cosine(optimizer, plan.warmup, plan.total_steps, plan.flat_until,
+                           plan.total_steps - plan.strong_until, optim_cfg.min_lr_ratio)
+    return warmup_cosine(optimizer, plan.warmup, plan.total_steps, optim_cfg.min_lr_ratio)
+
+
+def schedule_summary(cfg, plan: Plan) -> str:
+    """One line of when each augmentation runs and how the LR moves, in steps."""
+    parts = [f"strong augmentations in steps [{plan.strong_from}, {plan.strong_until})"
+             if plan.strong_from < plan.strong_until else "no strong augmentation"]
+    for name, prob, (start, stop) in (("mosaic", cfg.data.mosaic_prob, plan.mosaic),
+                                      ("mixup", cfg.data.mixup_prob, plan.mixup)):
+        if prob > 0:
+            parts.append(f"{name} {prob:g} in [{start}, {stop})")
+    if cfg.optim.schedule == "flat_cosine":
+        parts.append(f"LR warm-up {plan.warmup}, flat to step {plan.flat_until}, cosine to x{cfg.optim.min_lr_ratio:g} "
+                     f"by step {plan.strong_until}")
+    elif cfg.optim.min_lr_ratio < 1:
+        parts.append(f"LR warm-up {plan.warmup}, then cosine to x{cfg.optim.min_lr_ratio:g}")
+    else:
+        parts.append(f"LR warm-up {plan.warmup}, then flat")
+    return "; ".join(parts)
+
+
+def mosaic_settings(data_cfg) -> MosaicSettings:
+    return MosaicSettings(int(data_cfg.mosaic_size), float(data_cfg.mosaic_rotation),
+                          float(data_cfg.mosaic_translate), tuple(float(v) for v in data_cfg.mosaic_scale))
 
 
 def param_groups(model: torch.nn.Module, optim_cfg) -> list[dict]:

@@ -1,19 +1,21 @@
-"""One table of lightweight backbones inside RT-DETR: parameters, GFLOPs, batch-1 latency and AP.
+"""One table of lightweight backbones inside RT-DETR and D-FINE: parameters, GFLOPs, batch-1 latency and AP.
 
     python scripts/det_table.py                                   # every variant, 640 px, the best device here
     python scripts/det_table.py --variants mnv4_conv_small,shufflenet_v2_x1_0 --iters 20 --onnx
-    python scripts/det_table.py --runs runs/rtdetr_mnv4_conv_s runs/rtdetr_repvit_m1_1 --out det_table.md
+    python scripts/det_table.py --runs runs/rtdetr_mnv4_conv_s runs/dfine_mnv4_conv_s --out det_table.md
 
-Every variant gets the same neck and decoder (the recipe's, default `rtdetr_base`: RT-DETRv2-S sized) with
-random weights and 80 classes. Parameters and GFLOPs are those of the training form (as the reference sizes
+Every variant gets, per head, the same neck and decoder with random weights and 80 classes: RT-DETR's rows
+the `--recipe`'s (default `rtdetr_base`: RT-DETRv2-S sized), D-FINE's rows (named `<variant>, D-FINE`, each
+beside its RT-DETR row) the `--dfine-recipe`'s (default `deim_base`: D-FINE-S's neck and head, those of the
+`dfine_<backbone>` recipes). Parameters and GFLOPs are those of the training form (as the reference sizes
 are given); GFLOPs are 2 x multiply-accumulates as counted by `torch.utils.flop_counter.FlopCounterMode`, the
 deformable attention's `grid_sample` not counted. Latency is batch 1, normalisation + detector + top-K
 post-processing, median over `--iters` rounds: this project's detector in its deploy form (RepVGG fused,
-batch norms folded; `distill.detection.deploy`) against transformers' `RTDetrV2ForObjectDetection` holding
-the same detector (timm backbones; none exists for torchvision's), interleaved round by round, in PyTorch
-(fp16 on a GPU, fp32 on the CPU) and with `--onnx` in onnxruntime (CPU). The device is named in the
-output. AP (COCO box AP, in percent) comes from the `summary.json` of the run folders given with `--runs`,
-matched to a variant by backbone name.
+batch norms folded; `distill.detection.deploy`) against transformers' `RTDetrV2ForObjectDetection` (D-FINE:
+`DFineForObjectDetection`) holding the same detector (timm backbones; none exists for torchvision's),
+interleaved round by round, in PyTorch (fp16 on a GPU, fp32 on the CPU) and with `--onnx` in onnxruntime
+(CPU). The device is named in the output. AP (COCO box AP, in percent) comes from the `summary.json` of the
+run folders given with `--runs`, matched to a row by backbone name and head.
 """
 from __future__ import annotations
 
@@ -51,11 +53,19 @@ VARIANTS = {
     "shufflenet_v2_x2_0": "torchvision/shufflenet_v2_x2_0",
 }
 
-# Published figures at 640 px (COCO val2017 AP); the papers name no device for RT-DETR-L's latency.
+# The two heads: the row name's suffix and the recipe whose model section builds the neck and decoder
+HEADS = {"rtdetrv2": "", "dfine": ", D-FINE"}
+
+# Published figures at 640 px (COCO val2017 AP); the papers name no device for RT-DETR-L's latency. D-FINE-S and
+# DEIM-D-FINE-S (the same detector trained as DEIM) from their repositories' READMEs, latency on a T4 with
+# TensorRT 10.4 in fp16.
 REFERENCE_ROWS = [
     {"variant": "RT-DETR-L (HGNetv2), reported", "params_m": 32.8, "gflops": 108.0, "ours ms": "11.6 (reported)",
      "AP": 53.0},
     {"variant": "RT-DETRv2-S (ResNet-18), reported", "params_m": 20.0, "gflops": 60.0, "AP": 48.1},
+    {"variant": "D-FINE-S (HGNetv2-B0), reported", "params_m": 10.0, "gflops": 25.0,
+     "ours ms": "3.49 (T4, TensorRT fp16, reported)", "AP": 48.5},
+    {"variant": "DEIM-D-FINE-S (HGNetv2-B0), reported", "params_m": 10.0, "gflops": 25.0, "AP": 49.0},
 ]
 
 
@@ -80,15 +90,16 @@ def count_gflops(model: torch.nn.Module, image: torch.Tensor) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def run_aps(folders: list[str]) -> dict[str, dict]:
-    """Backbone name → summary of the trained runs given (the last one wins for a repeated backbone)."""
+def run_aps(folders: list[str]) -> dict[tuple[str, str], dict]:
+    """(backbone name, head) → summary of the trained runs given (the last one wins for a repeated pair)."""
     found = {}
     for folder in folders:
         path = Path(folder) / "summary.json"
         if not path.exists():
             raise SystemExit(f"error: {path} does not exist (is {folder} a finished fine-tuning run?)")
         summary = json.loads(path.read_text())
-        found[summary["backbone"]] = summary
+        head = summary.get("config", {}).get("model", {}).get("head", "rtdetrv2")
+        found[(summary["backbone"], head)] = summary
     return found
 
 
@@ -103,9 +114,10 @@ def measure(name: str, backbone: str, model_cfg: dict, img_size: int, device: to
     if iters > 0:
         theirs = None
         if backbone.split("/")[0] != "torchvision":
-            from distill.detection.hf_convert import to_transformers
+            from distill.detection.hf_convert import to_transformers, to_transformers_dfine
 
-            theirs = to_transformers(model, [f"class_{i}" for i in range(80)])
+            convert = to_transformers_dfine if model.cfg.head == "dfine" else to_transformers
+            theirs = convert(model, [f"class_{i}" for i in range(80)])
         dtype = torch.float16 if device.type == "cuda" else None
         calls = latency_callables(model, theirs, img_size, device, dtype, onnx, torch.get_num_threads())
         times = summarise(interleave(calls, iters, warmup, device))
@@ -124,9 +136,9 @@ def markdown(rows: list[dict], img_size: int, device: str) -> str:
         return format(v, spec) if isinstance(v, (int, float)) else (v if v is not None else "-")
 
     lines = [
-        f"RT-DETR at {img_size} px, batch 1. Latency: {device}; ours in its deploy form, transformers' "
-        "RTDetrV2ForObjectDetection holding the same detector; ratio = ours / transformers (median of the "
-        "per-round ratios) in PyTorch and in ONNX Runtime. "
+        f"RT-DETR and D-FINE at {img_size} px, batch 1. Latency: {device}; ours in its deploy form, "
+        "transformers' RTDetrV2ForObjectDetection (D-FINE rows: DFineForObjectDetection) holding the same detector; "
+        "ratio = ours / transformers (median of the per-round ratios) in PyTorch and in ONNX Runtime. "
         "GFLOPs = 2 x MACs from FlopCounterMode (grid_sample not counted).",
         "",
         "| variant | params (M) | GFLOPs | latency (ms) | transformers (ms) | ratio | ONNX Runtime (ms) "
@@ -144,7 +156,10 @@ def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variants", default="all", help=f"comma-separated, or 'all': {', '.join(VARIANTS)}")
     p.add_argument("--recipe", default="rtdetr_base",
-                   help="neck/decoder settings come from this recipe's model section")
+                   help="RT-DETR rows: neck/decoder settings come from this recipe's model section")
+    p.add_argument("--dfine-recipe", default="deim_base",
+                   help="D-FINE rows: neck/head settings come from this recipe's model section (model.head=dfine)")
+    p.add_argument("--heads", default="rtdetrv2,dfine", help=f"comma-separated: {', '.join(HEADS)}")
     p.add_argument("--img-size", type=int, default=640)
     p.add_argument("--iters", type=int, default=50, help="timed forward passes (0: no latency)")
     p.add_argument("--warmup", type=int, default=10)
@@ -160,23 +175,33 @@ def main(argv=None) -> str:
         raise SystemExit(f"error: unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     if args.img_size % 32:
         raise SystemExit(f"error: --img-size must be a multiple of 32, got {args.img_size}")
+    heads = [h.strip() for h in args.heads.split(",") if h.strip()]
+    if not heads or set(heads) - set(HEADS):
+        raise SystemExit(f"error: --heads takes {', '.join(HEADS)}, got {args.heads!r}")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    model_cfg = OmegaConf.to_container(load_det_config([f"recipe={args.recipe}"]).model)
+    model_cfgs = {}
+    for head in heads:
+        recipe = args.dfine_recipe if head == "dfine" else args.recipe
+        model_cfgs[head] = OmegaConf.to_container(load_det_config([f"recipe={recipe}"]).model)
+        if model_cfgs[head]["head"] != head:
+            raise SystemExit(f"error: recipe {recipe} has model.head={model_cfgs[head]['head']}, not {head}")
     aps = run_aps(args.runs)
-    for backbone in sorted(set(aps) - {VARIANTS[n] for n in names}):
-        print(f"note: the run of {backbone} matches none of the variants measured; its AP is not shown",
+    for backbone, head in sorted(set(aps) - {(VARIANTS[n], h) for n in names for h in heads}):
+        print(f"note: the run of {backbone} with head {head} matches no row measured; its AP is not shown",
               file=sys.stderr)
 
     rows = []
     for name in names:
-        row = measure(name, VARIANTS[name], model_cfg, args.img_size, device, args.iters, args.warmup, args.onnx)
-        summary = aps.get(VARIANTS[name])
-        if summary:
-            row |= {"AP": 100 * summary["AP"], "AP50": 100 * summary["AP50"]}
-        rows.append(row)
-        print(f"{name}: {row['params_m']:.2f}M params, {row['gflops']:.1f} GFLOPs"
-              + (f", {row['ours ms']:.1f} ms" if "ours ms" in row else ""), file=sys.stderr)
+        for head in heads:
+            row = measure(name + HEADS[head], VARIANTS[name], model_cfgs[head], args.img_size, device, args.iters,
+                          args.warmup, args.onnx)
+            summary = aps.get((VARIANTS[name], head))
+            if summary:
+                row |= {"AP": 100 * summary["AP"], "AP50": 100 * summary["AP50"]}
+            rows.append(row)
+            print(f"{row['variant']}: {row['params_m']:.2f}M params, {row['gflops']:.1f} GFLOPs"
+                  + (f", {row['ours ms']:.1f} ms" if "ours ms" in row else ""), file=sys.stderr)
     table = markdown(rows + (REFERENCE_ROWS if args.img_size == 640 else []), args.img_size, device_name(device))
     print(table)
     if args.out:

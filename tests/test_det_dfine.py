@@ -74,6 +74,45 @@ def test_dfine_recipes_hold_the_presets_and_the_reference_schedule(size):
     assert sides == ([] if size == "n" else [480, 512, 544, 576, 608] + [640] * 20 + [672, 704, 736, 768, 800])
 
 
+# DEIM-D-FINE's schedules (configs/deim_dfine/deim_hgnetv2_{s,m,l}_coco.yml over configs/base/deim.yml):
+# epochs, flat_epoch, policy [start, mosaic/mixup stop, strong stop], lr, backbone lr, weight decay, 640's repeats
+DEIM_S = (132, 64, (4, 64, 120), 4e-4, 2e-4, 1e-4, 20)
+DEIM_M = (102, 49, (4, 49, 90), 4e-4, 4e-5, 1e-4, 6)
+DEIM_L = (58, 29, (4, 29, 50), 5e-4, 2.5e-5, 1.25e-4, 4)
+
+
+@pytest.mark.parametrize("recipe, backbone, schedule", [
+    ("dfine_mnv4_conv_s", "mobilenetv4_conv_small", DEIM_S),
+    ("dfine_shufflenet_v2_x1_0", "torchvision/shufflenet_v2_x1_0", DEIM_S),
+    ("dfine_mnv4_conv_m", "mobilenetv4_conv_medium", DEIM_M),
+    ("dfine_mnv4_hybrid_m", "mobilenetv4_hybrid_medium", DEIM_M),
+    ("dfine_repvit_m1_1", "repvit_m1_1", DEIM_M),
+    ("dfine_mnv4_conv_l", "mobilenetv4_conv_large", DEIM_L),
+    ("dfine_mnv4_hybrid_l", "mobilenetv4_hybrid_large", DEIM_L),
+])
+def test_deim_recipes_hold_dfine_s_and_deims_schedule(recipe, backbone, schedule):
+    cfg, dfine_s = load_det_config([f"recipe={recipe}"]), load_det_config(["recipe=dfine_s"])
+    epochs, flat, (start, mix_stop, strong_stop), lr, backbone_lr, decay, repeats = schedule
+    assert cfg.model.backbone == backbone
+    # D-FINE-S's detector with D-FINE's own neck, the same for every backbone; DEIM's loss
+    differs = {k for k in cfg.model if k != "backbone" and cfg.model[k] != dfine_s.model[k]}
+    assert differs == {"fusion_block", "downsample", "class_loss"}
+    assert (cfg.model.head, cfg.model.fusion_block, cfg.model.downsample, cfg.model.class_loss) == (
+        "dfine", "rep_elan", "scdown_linear", "mal")
+    assert (cfg.train.epochs, cfg.train.aug_start_epoch, cfg.train.epochs - cfg.train.no_aug_epochs) == (
+        epochs, start, strong_stop)
+    assert (cfg.data.mosaic_prob, list(cfg.data.mosaic_epochs), cfg.data.mixup_prob, list(cfg.data.mixup_epochs)) == (
+        0.5, [start, mix_stop], 0.5, [start, mix_stop])
+    assert (cfg.data.mosaic_size, cfg.data.mosaic_rotation, cfg.data.mosaic_translate, list(cfg.data.mosaic_scale),
+            list(cfg.data.mixup_ratio)) == (320, 10, 0.1, [0.5, 1.5], [0.45, 0.55])
+    assert (cfg.optim.schedule, cfg.optim.flat_epochs, cfg.optim.min_lr_ratio, cfg.optim.warmup_steps) == (
+        "flat_cosine", flat, 0.5, 2000)
+    assert (cfg.optim.lr, cfg.optim.backbone_lr, cfg.optim.weight_decay) == (lr, backbone_lr, decay)
+    assert (cfg.data.global_batch_size, cfg.train.ema_warmups, cfg.train.ema_decay) == (32, 1000, 0.9999)
+    sides = list(cfg.data.multiscale)
+    assert sides == [480, 512, 544, 576, 608] + [640] * repeats + [672, 704, 736, 768, 800]
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["model.head=dino"], r"model\.head='dino' is not one of rtdetrv2, dfine"),
     (["model.head=rtdetrv2", "model.num_points_per_level=[3,6,3]"],
@@ -104,12 +143,19 @@ def test_conversion_to_transformers_rtdetr_refuses_the_dfine_head():
         to_transformers(model, ["a", "b", "c"])
 
 
-def test_the_demo_recipe_differs_from_det_demo_in_the_head_only():
+def test_the_demo_recipe_differs_from_det_demo_in_the_head_and_deims_training():
     dfine, plain = load_det_config(["recipe=det_demo_dfine"]), load_det_config(["recipe=det_demo"])
     assert dfine.model.head == "dfine" and plain.model.head == "rtdetrv2"
-    for section in ("data", "optim", "train", "eval"):
-        assert dfine[section] == plain[section], section
-    assert {k for k in plain.model if plain.model[k] != dfine.model[k]} == {"head"}
+    assert {k for k in plain.model if plain.model[k] != dfine.model[k]} == {"head", "class_loss"}
+    changed = {f"{section}.{k}" for section in ("data", "optim", "train", "eval")
+               for k in plain[section] if plain[section][k] != dfine[section][k]}
+    assert changed == {"data.mosaic_prob", "data.mosaic_epochs", "data.mosaic_size", "data.mixup_prob",
+                       "data.mixup_epochs", "optim.schedule", "optim.flat_epochs", "optim.min_lr_ratio",
+                       "train.steps", "train.epochs", "train.aug_start_epoch", "train.no_aug_epochs"}
+    # the same 1200 steps: 12 epochs of 800 images at batch 8; DEIM-D-FINE-S's epochs scaled by 12 / 132
+    assert (dfine.train.epochs, plain.train.steps, dfine.data.batch_size) == (12, 1200, 8)
+    assert (dfine.train.aug_start_epoch, list(dfine.data.mosaic_epochs), list(dfine.data.mixup_epochs),
+            dfine.optim.flat_epochs, dfine.train.no_aug_epochs) == (0.5, [0.5, 6], [0.5, 6], 6, 1)
 
 
 def test_head_and_criterion_learn_a_fixed_batch():
@@ -169,8 +215,13 @@ def test_fine_tuning_with_the_dfine_head_runs_end_to_end(tmp_path):
                          seed=1)
     AcceleratorState._reset_state(reset_partial_state=True)
     try:
+        # DEIM's training squeezed into 3 steps (2 an epoch): every sample a mosaic and every batch mixed up
+        # in the first epoch, the flat-then-cosine LR
+        deim = ["train.epochs=1.5", "train.aug_start_epoch=0", "train.no_aug_epochs=0.5", "data.mosaic_prob=1",
+                "data.mosaic_epochs=[0,1]", "data.mixup_prob=1", "data.mixup_epochs=[0,1]", "optim.flat_epochs=0.5",
+                "optim.warmup_steps=1", "data.mosaic_size=48"]
         summary = main(["recipe=det_demo_dfine", f"data.root={tmp_path / 'shapes'}", "data.generate=null",
-                        f"output_dir={tmp_path / 'run'}", "train.steps=3", "model.backbone=test_efficientnet",
+                        f"output_dir={tmp_path / 'run'}", *deim, "model.backbone=test_efficientnet",
                         "model.hidden_dim=32", "model.dim_feedforward=64", "model.num_heads=2",
                         "model.num_decoder_layers=2", "model.num_queries=20", "data.img_size=96",
                         "data.batch_size=4", "data.num_workers=0", "eval.visualize=0", "train.trackers=[jsonl]",
@@ -183,7 +234,10 @@ def test_fine_tuning_with_the_dfine_head_runs_end_to_end(tmp_path):
     assert all(isinstance(written[k], float) for k in ("AP", "AP50", "AP75", "APs", "APm", "APl"))
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     trained = [m for m in logged if "loss_fgl" in m]
-    assert len(trained) == 3 and all(m["loss_ddf_aux_0"] >= 0 for m in trained)
+    assert len(trained) == 3 and all(m["loss_ddf_aux_0"] >= 0 and "loss_mal" in m for m in trained)
+    # logged after each step, the LR of the next: flat through step 1, the cosine ends at step 2 (where the
+    # augmentations stop) at half the peak, flat from there
+    assert [m["lr"] for m in trained] == pytest.approx([1e-3, 5e-4, 5e-4])
 
     # the run reads back as a D-FINE detector, also in its deploy form with fixed anchors (export, predict)
     from distill.detection.run import load_detector

@@ -74,9 +74,17 @@ def test_fits_a_handful_of_images(world, tmp_path):
     assert (tmp_path / "fit" / "predictions.png").stat().st_size > 0
 
 
-def test_run_folder_and_interrupted_run_resumes_to_the_same_weights(world, tmp_path):
+# DEIM's training on the tiny run (10 steps, 2 an epoch): mosaics and mixed-up batches in steps 2-5, the
+# flat-then-cosine LR; a resume must draw them as the uninterrupted run did
+DEIM = ["train.aug_start_epoch=1", "data.mosaic_prob=0.5", "data.mosaic_epochs=[1,3]", "data.mixup_prob=0.5",
+        "data.mixup_epochs=[1,3]", "data.mosaic_size=64", "optim.schedule=flat_cosine", "optim.flat_epochs=2",
+        "optim.warmup_steps=2", "model.class_loss=mal"]
+
+
+@pytest.mark.parametrize("training", [[], DEIM], ids=["rtdetrv2", "deim"])
+def test_run_folder_and_interrupted_run_resumes_to_the_same_weights(world, tmp_path, training):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    s = finetune(world, whole)
+    s = finetune(world, whole, *training)
     assert s["steps"] == 10 and s["epochs"] == pytest.approx(5.0)  # 8 images / batch 4 = 2 steps an epoch
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "predictions.json", "predictions.png"):
         assert (whole / name).exists(), name
@@ -88,10 +96,10 @@ def test_run_folder_and_interrupted_run_resumes_to_the_same_weights(world, tmp_p
     assert detections and {d["category_id"] for d in detections} <= {1, 2, 3}
 
     # the same run, interrupted after its first checkpoint, then resumed
-    finetune(world, cut)
+    finetune(world, cut, *training)
     (cut / "ckpt-00000010.pt").unlink()
     (cut / "summary.json").unlink()
-    resumed = finetune(world, cut, "resume=auto")
+    resumed = finetune(world, cut, "resume=auto", *training)
     assert resumed["steps"] == 10
     a = torch.load(whole / "ckpt-00000010.pt", weights_only=False)
     b = torch.load(cut / "ckpt-00000010.pt", weights_only=False)
@@ -137,8 +145,9 @@ def test_bad_recipe_keys_and_values_are_refused_before_work(world, tmp_path, cap
 
 
 def test_every_detection_recipe_resolves_into_the_model_config():
-    """The recipe schema is RTDETRConfig itself (same fields, recipe-friendly defaults), and the S-sized
-    recipes follow RT-DETRv2-S: 120 epochs at 640 only, where the larger ones keep multi-scale."""
+    """The recipe schema is RTDETRConfig itself (same fields, recipe-friendly defaults), every detection recipe
+    (RT-DETR's and D-FINE's with DEIM's training) loads, and the S-sized RT-DETR recipes follow RT-DETRv2-S:
+    120 epochs at 640 only, where the larger ones keep multi-scale."""
     from distill.detection.rtdetr import RTDETRConfig
 
     ours, theirs = ({f.name: f for f in dataclasses.fields(c)} for c in (DetModelConfig, RTDETRConfig))
@@ -146,8 +155,9 @@ def test_every_detection_recipe_resolves_into_the_model_config():
     recipe_only = {"backbone", "num_classes", "out_strides", "eval_spatial_size"}  # defaults a recipe needs
     for name in set(ours) - recipe_only:
         assert ours[name].default == theirs[name].default, name
-    recipes = sorted(p.stem for p in (ROOT / "recipes").glob("rtdetr_*.yaml")) + ["det_demo"]
-    assert len(recipes) >= 8
+    recipes = sorted(p.stem for pattern in ("rtdetr_*.yaml", "dfine_*.yaml") for p in (ROOT / "recipes").glob(pattern))
+    recipes += ["deim_base", "det_demo", "det_demo_dfine"]
+    assert len(recipes) >= 17
     for name in recipes:
         cfg = load_det_config([f"recipe={name}"])
         assert cfg.model.backbone and cfg.optim.lr > 0, name

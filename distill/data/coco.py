@@ -6,8 +6,9 @@ same category. `category_ids[label]` maps a label back to the JSON's id for eval
 are cxcywh normalised to the transformed image, the form the detector predicts.
 
 Training batches come from `DetectionBatchSampler`, which decides from the batch index alone which images,
-which input side (multi-scale: one side per batch and process) and whether the strong augmentations are
-still on, so a resumed run draws exactly the batches it would have drawn. Workers resize; images stay uint8 until
+which input side (multi-scale: one side per batch and process), whether the strong augmentations are on and
+(DEIM's training) which samples are mosaics of which images and which batches are mixed up, so a resumed run
+draws exactly the batches it would have drawn. Workers resize; images stay uint8 until
 `to_model_input` normalises them on the device, a whole batch at once.
 
 An image that cannot be decoded is skipped and its file name reported in the batch's `skipped` list; in
@@ -30,7 +31,14 @@ from torchvision import tv_tensors
 from torchvision.ops import box_convert
 from torchvision.transforms import v2 as T
 
-from distill.data.det_augment import eval_transform, rtdetr_train_transform
+from distill.data.det_augment import (
+    MosaicSettings,
+    eval_transform,
+    mixup_batch,
+    mosaic_canvas,
+    mosaic_train_transform,
+    rtdetr_train_transform,
+)
 from distill.data.stream import single_threaded_opencv
 from distill.engine.preemption import ignore_stop_signals
 
@@ -44,6 +52,8 @@ class SampleRequest(NamedTuple):
     size: int  # square input side in pixels (a multiple of 32)
     strong: bool = False  # photometric distortion, zoom-out and IoU crop on top of flip + resize
     seed: Optional[int] = None  # the augmentation's random draws; set, a resumed run repeats them exactly
+    mosaic: tuple[int, ...] = ()  # three more images to tile with this one (DEIM's Mosaic); (): none
+    mixup: Optional[float] = None  # set: the batch is mixed up, each image keeping this share (DEIM's MixUp)
 
 
 class CocoFormatError(ValueError):
@@ -53,6 +63,11 @@ class CocoFormatError(ValueError):
 # --------------------------------------------------------------------------------------------------
 # Transforms
 # --------------------------------------------------------------------------------------------------
+
+@lru_cache(maxsize=64)
+def mosaic_transform(size: int, settings: MosaicSettings) -> T.Compose:
+    return mosaic_train_transform(size, settings)
+
 
 @lru_cache(maxsize=64)
 def detection_transform(size: int, train: bool, strong: bool) -> T.Compose:
@@ -66,12 +81,18 @@ def apply_transform(transform: T.Compose, image: np.ndarray, boxes_xywh: np.ndar
                     seed: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(H, W, 3) uint8, xywh pixel boxes → (3, h, w) uint8 image, xyxy pixel boxes, labels. With a seed the
     random draws come from it alone (the caller's random state is left as it was)."""
-    height, width = image.shape[:2]
     boxes = torch.as_tensor(boxes_xywh, dtype=torch.float32).reshape(-1, 4)
+    return transform_tensors(transform, torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1),
+                             box_convert(boxes, "xywh", "xyxy"), labels, seed)
+
+
+def transform_tensors(transform: T.Compose, image: torch.Tensor, boxes_xyxy: torch.Tensor, labels,
+                      seed: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`apply_transform` for a (3, H, W) uint8 tensor and xyxy pixel boxes."""
+    height, width = image.shape[-2:]
     sample = {
-        "image": tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)),
-        "boxes": tv_tensors.BoundingBoxes(box_convert(boxes, "xywh", "xyxy"), format="XYXY",
-                                          canvas_size=(height, width)),
+        "image": tv_tensors.Image(image),
+        "boxes": tv_tensors.BoundingBoxes(boxes_xyxy, format="XYXY", canvas_size=(height, width)),
         "labels": torch.as_tensor(labels, dtype=torch.int64).reshape(-1),
     }
     if seed is None:
@@ -93,10 +114,12 @@ class CocoDetection(Dataset):
     undecodable images; the item is a `SampleRequest` (or a plain index: `img_size`, no strong aug).
 
     `categories` (the training set's `categories`) makes this set use the training set's label mapping;
-    every category this file lists must be there under the same id and name, else `CocoFormatError`."""
+    every category this file lists must be there under the same id and name, else `CocoFormatError`.
+    `mosaic` sets the geometry of the mosaics that requests ask for (DEIM's by default)."""
 
     def __init__(self, image_dir: str | Path, ann_file: str | Path, train: bool = False, img_size: int = 640,
-                 categories: Optional[Sequence[dict]] = None):
+                 categories: Optional[Sequence[dict]] = None, mosaic: MosaicSettings = MosaicSettings()):
+        self.mosaic = mosaic
         self.image_dir = Path(image_dir)
         self.ann_file = Path(ann_file)
         self.train = train
@@ -175,28 +198,40 @@ class CocoDetection(Dataset):
         keep = (x1 - x0 >= 1) & (y1 - y0 >= 1)
         return np.stack([x0, y0, x1 - x0, y1 - y0], 1)[keep], labels[keep]
 
-    def __getitem__(self, request: SampleRequest | int) -> dict:
-        if not isinstance(request, SampleRequest):
-            request = SampleRequest(int(request), self.img_size, False)
-        skipped = []
-        index = request.index
-        # in training a corrupt image is replaced by the next one; elsewhere it is left out
+    def _read(self, index: int, skipped: list[str]) -> tuple[int, Optional[np.ndarray]]:
+        """(index read, image); in training a corrupt image is replaced by the next one, elsewhere it is left
+        out (None). Skipped file names go to `skipped`."""
         for _ in range(len(self) if self.train else 1):
             try:
-                image = self.read_image(index)
-                break
+                return index, self.read_image(index)
             except Exception as e:  # truncated, unreadable or missing files
                 name = self.images[index]["file_name"]
                 logger.warning("skipping image %s: %s: %s", self.image_dir / name, type(e).__name__, e)
                 skipped.append(name)
                 index = (index + 1) % len(self)
-        else:
-            return {"image": None, "target": None, "skipped": skipped}
+        return index, None
+
+    def __getitem__(self, request: SampleRequest | int) -> dict:
+        if not isinstance(request, SampleRequest):
+            request = SampleRequest(int(request), self.img_size, False)
+        skipped = []
+        index, image = self._read(request.index, skipped)
+        if image is None:
+            return {"image": None, "target": None, "skipped": skipped, "mixup": None}
 
         height, width = image.shape[:2]
         boxes, labels = self.annotations(index, width, height)
-        transform = detection_transform(request.size, self.train, request.strong)
-        image, boxes, labels = apply_transform(transform, image, boxes, labels, request.seed)
+        if request.mosaic and self.train:
+            parts = [(image, boxes, labels)]
+            for other in request.mosaic:
+                other, picture = self._read(other, skipped)  # never None in training: some image decoded
+                parts.append((picture, *self.annotations(other, picture.shape[1], picture.shape[0])))
+            canvas, canvas_boxes, canvas_labels = mosaic_canvas(parts, self.mosaic.size)
+            image, boxes, labels = transform_tensors(mosaic_transform(request.size, self.mosaic), canvas,
+                                                     canvas_boxes, canvas_labels, request.seed)
+        else:
+            transform = detection_transform(request.size, self.train, request.strong)
+            image, boxes, labels = apply_transform(transform, image, boxes, labels, request.seed)
         side_h, side_w = image.shape[-2:]
         scale = torch.tensor([side_w, side_h, side_w, side_h], dtype=torch.float32)
         boxes = box_convert(boxes, "xyxy", "cxcywh") / scale
@@ -206,7 +241,7 @@ class CocoDetection(Dataset):
             "image_id": int(self.images[index]["id"]),
             "orig_size": torch.tensor([width, height]),  # (w, h), what the post-processor scales to
         }
-        return {"image": image.contiguous(), "target": target, "skipped": skipped}
+        return {"image": image.contiguous(), "target": target, "skipped": skipped, "mixup": request.mixup}
 
 
 def check_categories(own: Sequence[dict], reference: Sequence[dict], ann_file: Path) -> None:
@@ -222,11 +257,17 @@ def check_categories(own: Sequence[dict], reference: Sequence[dict], ann_file: P
 
 
 def collate_detection(items: Sequence[dict]) -> dict:
-    """Stack same-sized uint8 images; targets stay a list; skipped file names travel along."""
+    """Stack same-sized uint8 images; targets stay a list; skipped file names travel along. A batch whose
+    requests carry a MixUp ratio is mixed up here, as DEIM's collate function does (not a single image:
+    mixed with itself it would only repeat its own targets)."""
     skipped = [name for item in items for name in item["skipped"]]
     kept = [item for item in items if item["image"] is not None]
     images = torch.stack([item["image"] for item in kept]) if kept else torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
-    return {"images": images, "targets": [item["target"] for item in kept], "skipped": skipped}
+    targets = [item["target"] for item in kept]
+    ratio = kept[0].get("mixup") if kept else None
+    if ratio is not None and len(kept) > 1:
+        images, targets = mixup_batch(images, targets, ratio)
+    return {"images": images, "targets": targets, "skipped": skipped}
 
 
 def to_model_input(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -245,20 +286,45 @@ def targets_to(targets: list[dict], device: torch.device) -> list[dict]:
 # --------------------------------------------------------------------------------------------------
 
 
+class Phase(NamedTuple):
+    """An augmentation drawn with probability `prob` in batches `start <= g < stop` of the sampler's stream."""
+
+    prob: float
+    start: int
+    stop: int
+
+    def on(self, batch: int) -> bool:
+        return self.prob > 0 and self.start <= batch < self.stop
+
+
+# Tags that keep the mosaic and mixup draws apart from the sampler's other streams (numpy's seed sequences
+# treat trailing zeros as absent, so a tag is a large number rather than a position).
+MOSAIC_STREAM, MIXUP_STREAM = 0x6D6F7361, 0x6D697875
+
+
 class DetectionBatchSampler(Sampler[list[SampleRequest]]):
     """Batches `start_batch .. total_batches-1` of a seeded, epoch-wise shuffled stream, this process's share.
 
     Every process draws the same global batch of `batch_size x world_size` images and takes every
     `world_size`-th one; each process draws its own side for it (as the reference's per-GPU collate does),
     so a step sees several sides at once. Each epoch is a fresh permutation (the tail that does not fill a
-    global batch is dropped). At batch `strong_until` the strong augmentations
-    and the multi-scale draw stop: from there every batch has side `final_size` (default: the largest of
-    `sizes`' most frequent ones, i.e. the base size a recipe repeats).
+    global batch is dropped). The strong augmentations run from batch `strong_from` (DEIM starts them late)
+    to `strong_until`, where they and the multi-scale draw stop: from there every batch has side
+    `final_size` (default: the largest of `sizes`' most frequent ones, i.e. the base size a recipe repeats).
+
+    DEIM's training: in the batches of `mosaic` (while the strong augmentations are on) each sample is a
+    mosaic with probability `mosaic.prob`, its three other images drawn from the whole set; in the batches of
+    `mixup` each process's batch is mixed up with probability `mixup.prob`, at a ratio drawn in `mixup_ratio`.
+    Mosaics are drawn over the global batch, like the seeds, so a sample is the same however the processes
+    split it; mixup per process, as DEIM's per-GPU collate does.
     """
 
     def __init__(self, num_images: int, batch_size: int, sizes: Sequence[int], total_batches: int, seed: int,
                  strong_until: int, start_batch: int = 0, rank: int = 0, world_size: int = 1,
-                 final_size: Optional[int] = None):
+                 final_size: Optional[int] = None, strong_from: int = 0, mosaic: Optional[Phase] = None,
+                 mixup: Optional[Phase] = None, mixup_ratio: Sequence[float] = (0.45, 0.55)):
+        self.strong_from, self.mosaic, self.mixup = strong_from, mosaic, mixup
+        self.mixup_ratio = (float(mixup_ratio[0]), float(mixup_ratio[1]))
         self.num_images, self.batch_size, self.sizes = num_images, batch_size, list(sizes)
         self.final_size = final_size or max(self.sizes, key=lambda s: (self.sizes.count(s), s))
         self.total_batches, self.seed, self.strong_until = total_batches, seed, strong_until
@@ -282,9 +348,20 @@ class DetectionBatchSampler(Sampler[list[SampleRequest]]):
             rng = np.random.default_rng([self.seed, epoch, b])
             seeds = rng.integers(2**31, size=global_batch)[self.rank::self.world_size]
             size = int(self.sizes[np.random.default_rng([self.seed, epoch, b, self.rank]).integers(len(self.sizes))])
-            strong = g < self.strong_until
-            size = size if strong else self.final_size
-            yield [SampleRequest(int(i), size, strong, int(s)) for i, s in zip(mine, seeds)]
+            strong = self.strong_from <= g < self.strong_until
+            size = size if g < self.strong_until else self.final_size
+            partners = [()] * len(mine)
+            if strong and self.mosaic is not None and self.mosaic.on(g):
+                draws = np.random.default_rng([self.seed, epoch, b, MOSAIC_STREAM])
+                chosen = draws.random(global_batch)[self.rank::self.world_size] < self.mosaic.prob
+                others = draws.integers(self.num_images, size=(global_batch, 3))[self.rank::self.world_size]
+                partners = [tuple(int(j) for j in o) if c else () for c, o in zip(chosen, others)]
+            mixup = None
+            if self.mixup is not None and self.mixup.on(g):
+                draws = np.random.default_rng([self.seed, epoch, b, MIXUP_STREAM, self.rank])
+                if draws.random() < self.mixup.prob:
+                    mixup = float(draws.uniform(*self.mixup_ratio))
+            yield [SampleRequest(int(i), size, strong, int(s), p, mixup) for i, s, p in zip(mine, seeds, partners)]
 
 
 def batches_per_epoch(num_images: int, batch_size: int, world_size: int = 1) -> int:

@@ -12,15 +12,26 @@ Two of them get a faster implementation of the same definition, as their torchvi
 - `IoUCrop`: SSD's crop search (`RandomIoUCrop.make_params`: options, trials, scale, aspect, centre and
   IoU checks, the first passing trial taken), with an option's trials drawn and checked at once in NumPy
   instead of one tensor call per trial.
+
+DEIM's dense one-to-one matching adds two (its `deim.yml`, `mosaic.py` and collate function), off unless a
+recipe turns them on:
+- Mosaic: four images scaled to a shorter side of 320, one in the top-left corner of each quadrant of a
+  canvas twice the largest height and width (the rest black), then RandomAffine(10 degrees, translate 0.1,
+  scale 0.5-1.5, fill 0) over the canvas; such a sample goes on with photometric distortion, flip and resize,
+  without zoom-out and IoU crop;
+- MixUp over a batch: image i blended with image i-1 (the first with the last) at a ratio drawn in
+  [0.45, 0.55], its targets the union of both images' targets.
 """
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import cv2
 import numpy as np
 import torch
 from torchvision import tv_tensors
+from torchvision.ops import box_convert
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as F
 from torchvision.transforms.v2._utils import get_bounding_boxes, query_size
@@ -101,6 +112,70 @@ def rtdetr_train_transform(size: int, strong: bool) -> T.Compose:
         ]
     ops += [T.RandomHorizontalFlip(p=0.5), T.Resize((size, size), antialias=True), T.SanitizeBoundingBoxes(min_size=1)]
     return T.Compose(ops)
+
+
+@dataclass(frozen=True)
+class MosaicSettings:
+    """DEIM's Mosaic (configs/base/deim.yml): each image's shorter side on the canvas and the affine's ranges."""
+
+    size: int = 320
+    rotation: float = 10.0  # degrees either way
+    translate: float = 0.1  # share of the canvas either way, per axis
+    scale: tuple[float, float] = (0.5, 1.5)
+
+
+def mosaic_canvas(parts: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], size: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Four (H, W, 3) uint8 images with their xywh pixel boxes and labels → one (3, 2h, 2w) uint8 canvas, its
+    xyxy pixel boxes and labels. Each image is scaled to `size` on its shorter side (antialiased, as
+    torchvision's Resize(size) that DEIM uses) and put in the top-left corner of its quadrant (reading order);
+    h and w are the largest scaled height and width."""
+    scaled = []
+    for image, boxes_xywh, labels in parts:
+        height, width = image.shape[:2]
+        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        tensor = F.resize(tensor, [size], antialias=True)
+        new_h, new_w = tensor.shape[-2:]
+        boxes = box_convert(torch.as_tensor(boxes_xywh, dtype=torch.float32).reshape(-1, 4), "xywh", "xyxy")
+        boxes *= torch.tensor([new_w / width, new_h / height] * 2)
+        scaled.append((tensor, boxes, torch.as_tensor(labels, dtype=torch.int64).reshape(-1)))
+    cell_h = max(t.shape[-2] for t, _, _ in scaled)
+    cell_w = max(t.shape[-1] for t, _, _ in scaled)
+    canvas = torch.zeros(3, 2 * cell_h, 2 * cell_w, dtype=torch.uint8)
+    all_boxes, all_labels = [], []
+    for k, (tensor, boxes, labels) in enumerate(scaled):
+        top, left = (k // 2) * cell_h, (k % 2) * cell_w
+        canvas[:, top:top + tensor.shape[-2], left:left + tensor.shape[-1]] = tensor
+        all_boxes.append(boxes + torch.tensor([left, top, left, top], dtype=torch.float32))
+        all_labels.append(labels)
+    return canvas, torch.cat(all_boxes), torch.cat(all_labels)
+
+
+def mosaic_train_transform(size: int, settings: MosaicSettings) -> T.Compose:
+    """After `mosaic_canvas`: DEIM's affine over the canvas, then the strong pipeline without zoom-out and
+    IoU crop (DEIM skips both for a mosaic sample), flip, square resize, tiny boxes dropped. The affine's
+    boxes enclose the moved corners and are cut to the canvas (torchvision's box affine)."""
+    return T.Compose([
+        T.RandomAffine(degrees=settings.rotation, translate=(settings.translate, settings.translate),
+                       scale=tuple(settings.scale), fill=0),
+        PhotometricDistort(p=0.5),
+        T.SanitizeBoundingBoxes(min_size=1),
+        T.RandomHorizontalFlip(p=0.5),
+        T.Resize((size, size), antialias=True),
+        T.SanitizeBoundingBoxes(min_size=1),
+    ])
+
+
+def mixup_batch(images: torch.Tensor, targets: list[dict], ratio: float) -> tuple[torch.Tensor, list[dict]]:
+    """DEIM's batch MixUp on a (B, 3, H, W) uint8 batch: image i becomes ratio x image i + (1 - ratio) x image
+    i-1 (the first takes the last), rounded back to uint8; its boxes and labels are both images' (boxes are
+    normalised to the common side, so they carry over as they are)."""
+    previous = images.roll(shifts=1, dims=0)
+    mixed = (images.float() * ratio + previous.float() * (1.0 - ratio)).round_().clamp_(0, 255).to(torch.uint8)
+    shifted = targets[-1:] + targets[:-1]
+    out = [{**t, "boxes": torch.cat([t["boxes"], s["boxes"]]), "labels": torch.cat([t["labels"], s["labels"]])}
+           for t, s in zip(targets, shifted)]
+    return mixed, out
 
 
 def eval_transform(size: int) -> T.Compose:

@@ -1,7 +1,9 @@
 """The detection fine-tuning recipe: a typed schema, filled by `recipes/NAME.yaml`, overridden by `key=value`.
 
 Defaults are RT-DETRv2's (the R18-sized neck and decoder, its optimiser and augmentation schedule); the
-`rtdetr_*` recipes only name the backbone and what differs per size.
+`rtdetr_*` recipes only name the backbone and what differs per size. DEIM's training (Mosaic, batch MixUp,
+the flat-then-cosine LR, a late start of the strong augmentations) is off by default: `deim_base` and the
+`dfine_<backbone>` recipes turn it on.
 """
 from __future__ import annotations
 
@@ -59,6 +61,23 @@ class DetDataConfig:
     global_batch_size: Optional[int] = None  # when set, batch_size = global / (processes x grad_accum)
     val_batch_size: int = 8
     num_workers: int = 4
+    # DEIM's dense one-to-one matching: more targets per image. Off by default (RT-DETRv2 has neither); the
+    # numbers are DEIM's (configs/base/deim.yml). Epoch windows are [start, stop): the augmentation is drawn
+    # in epochs start <= e < stop; [] means while the strong augmentations are on.
+    # Mosaic: four images (this one and three drawn from the whole set) scaled to `mosaic_size` on their
+    # shorter side, one per quadrant of a 2x2 canvas, then one random affine of the canvas; such a sample skips
+    # zoom-out and IoU crop (photometric, flip and resize still apply), as DEIM's
+    mosaic_prob: float = 0.0  # share of samples made mosaics (DEIM: 0.5, `mosaic_prob`); 0: off
+    mosaic_epochs: list[float] = field(default_factory=list)  # [start, stop); DEIM-S: [4, 64], its policy's first two
+    mosaic_size: int = 320  # DEIM's Mosaic `output_size`: each image's shorter side on the canvas
+    mosaic_rotation: float = 10.0  # degrees either way (`rotation_range`)
+    mosaic_translate: float = 0.1  # share of the canvas either way, per axis (`translation_range`)
+    mosaic_scale: list[float] = field(default_factory=lambda: [0.5, 1.5])  # the affine's scale range (`scaling_range`)
+    # MixUp over the batch: each image blended with the previous one in the batch (the first with the last),
+    # the targets of both kept, as DEIM's collate function does
+    mixup_prob: float = 0.0  # share of batches mixed up (DEIM: 0.5, `mixup_prob`); 0: off
+    mixup_epochs: list[float] = field(default_factory=list)  # [start, stop); DEIM-S: [4, 64] (`mixup_epochs`)
+    mixup_ratio: list[float] = field(default_factory=lambda: [0.45, 0.55])  # each image's own share, drawn in it
 
 
 @dataclass
@@ -68,8 +87,13 @@ class DetOptimConfig:
     weight_decay: float = 1e-4  # none on norms and biases
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
-    warmup_steps: int = 2000  # linear warm-up
+    warmup_steps: int = 2000  # linear warm-up (flat_cosine: quadratic, as DEIM's)
     min_lr_ratio: float = 1.0  # LR after the cosine decay as a share of the peak; 1.0: flat, as RT-DETRv2
+    # cosine: warm-up, then cosine to min_lr_ratio over the rest of the run (1.0: flat, RT-DETRv2's).
+    # flat_cosine: DEIM's FlatCosineLRScheduler: warm-up, flat until `flat_epochs`, cosine down to
+    # min_lr_ratio (DEIM's `lr_gamma`: 0.5) when the strong augmentations stop, flat for the no-aug epochs
+    schedule: str = "cosine"
+    flat_epochs: Optional[float] = None  # flat_cosine only; DEIM's `flat_epoch` (e.g. 64 of D-FINE-S's 132)
     clip_grad: Optional[float] = 0.1
     grad_accum: int = 1
 
@@ -84,6 +108,9 @@ class DetTrainConfig:
     ema_warmups: int = 2000  # RT-DETR's ramp: decay x (1 - exp(-updates / ema_warmups)); 0: none
     sync_bn: bool = True  # batch statistics over all processes when several train (on GPUs)
     no_aug_epochs: float = 1.0  # the last epochs train without the strong augmentations or multi-scale
+    # the strong augmentations (photometric, zoom-out, IoU crop, mosaic) start at this epoch; multi-scale runs
+    # from the start. RT-DETRv2: 0; DEIM: 4 (its policy's first epoch)
+    aug_start_epoch: float = 0.0
     log_every: int = 50
     ckpt_every: int = 1000
     keep_ckpts: int = 2
@@ -149,11 +176,14 @@ DET_CHOICES = {
     "model.head": HEADS,
     "model.class_loss": CLASSIFICATION_LOSSES,
     "data.generate": (None, "det_demo"),
+    "optim.schedule": ("cosine", "flat_cosine"),
     "train.precision": ("auto", "no", "bf16", "fp16"),
     "distill.loss": tuple(FEATURE_LOSSES),
     "distill.schedule": SCHEDULES,
 }
 
+
+EPOCH_WINDOW = at_least(0)  # [start, stop) in epochs, or [] (the lengths are checked in check_epochs)
 
 # Upper bounds are far beyond RT-DETR's settings (width 256, 300 queries, 6 decoder layers at most): a typo
 # stops at load rather than in an allocation.
@@ -182,6 +212,15 @@ DET_RANGES = {
     "data.global_batch_size": BATCH,
     "data.val_batch_size": BATCH,
     "data.num_workers": WORKERS,
+    "data.mosaic_prob": PROBABILITY,
+    "data.mosaic_epochs": EPOCH_WINDOW,
+    "data.mosaic_size": SIDE,
+    "data.mosaic_rotation": at_least(0, 180),
+    "data.mosaic_translate": PROBABILITY,
+    "data.mosaic_scale": Range(0.0, 16.0, lo_open=True, length=2),
+    "data.mixup_prob": PROBABILITY,
+    "data.mixup_epochs": EPOCH_WINDOW,
+    "data.mixup_ratio": Range(0.0, 1.0, length=2),
     "optim.lr": above(0),
     "optim.backbone_lr": at_least(0),
     "optim.weight_decay": at_least(0),
@@ -189,6 +228,7 @@ DET_RANGES = {
     "optim.eps": above(0),
     "optim.warmup_steps": at_least(0),
     "optim.min_lr_ratio": PROBABILITY,
+    "optim.flat_epochs": at_least(0),
     "optim.clip_grad": above(0),
     "optim.grad_accum": at_least(1, 2**20),
     "train.epochs": above(0),
@@ -196,6 +236,7 @@ DET_RANGES = {
     "train.seed": SEED,
     "train.ema_decay": PROBABILITY,
     "train.no_aug_epochs": at_least(0),
+    "train.aug_start_epoch": at_least(0),
     "train.log_every": at_least(1),
     "train.ckpt_every": at_least(1),
     "train.keep_ckpts": at_least(1),
@@ -228,4 +269,71 @@ def load_det_config(argv: Sequence[str], recipe_dir: Path = RECIPE_DIR) -> DictC
     bad = [s for s in list(cfg.data.multiscale) + [cfg.data.img_size] if s <= 0 or s % 32]
     if bad:
         raise ConfigError(f"data.img_size / data.multiscale must be positive multiples of 32, got {bad}")
+    check_augment_keys(cfg)
+    if not cfg.train.steps:  # a length in steps is known in epochs once the data is read (plan_steps checks)
+        check_epochs(cfg, float(cfg.train.epochs), f"train.epochs={cfg.train.epochs:g}")
     return cfg
+
+
+def epoch_window(values, key: str) -> Optional[tuple[float, float]]:
+    """[start, stop) of an epoch-window key, or None for []."""
+    values = [float(v) for v in values]
+    if not values:
+        return None
+    if len(values) != 2 or values[0] >= values[1]:
+        raise ConfigError(f"{key}={_epochs(values)} must be [start, stop) with start < stop, or [] (while the "
+                          "strong augmentations are on)")
+    return values[0], values[1]
+
+
+def _epochs(values) -> str:
+    return "[" + ", ".join(f"{float(v):g}" for v in values) + "]"
+
+
+def check_augment_keys(cfg: DictConfig) -> None:
+    """What needs no run length: the windows' form, ordered ranges, the schedule's own keys."""
+    data, optim = cfg.data, cfg.optim
+    epoch_window(data.mosaic_epochs, "data.mosaic_epochs")
+    epoch_window(data.mixup_epochs, "data.mixup_epochs")
+    for key in ("mosaic_scale", "mixup_ratio"):
+        lo, hi = data[key]
+        if lo > hi:
+            raise ConfigError(f"data.{key}={_epochs(data[key])} must be [low, high] with low <= high")
+    if optim.schedule == "flat_cosine" and optim.flat_epochs is None:
+        raise ConfigError("optim.schedule=flat_cosine needs optim.flat_epochs, the epoch the cosine starts at "
+                          "(DEIM-D-FINE-S: 64 of 132)")
+    if optim.schedule != "flat_cosine" and optim.flat_epochs is not None:
+        raise ConfigError(f"optim.flat_epochs is a flat_cosine setting: set optim.schedule=flat_cosine "
+                          f"(got optim.schedule={optim.schedule})")
+
+
+def check_epochs(cfg: DictConfig, epochs: float, length: str) -> None:
+    """The epoch keys against the run's length in epochs (`length` says where it comes from). Strong
+    augmentations run in [train.aug_start_epoch, epochs - train.no_aug_epochs); Mosaic is one of them, as in
+    DEIM's policy, and nothing but flip and resize runs in the last epochs, so both windows end by then, and
+    so does the cosine of flat_cosine."""
+    data, train, optim = cfg.data, cfg.train, cfg.optim
+    stop = max(0.0, epochs - float(train.no_aug_epochs))
+    where = f"epoch {stop:g} ({length} - train.no_aug_epochs={train.no_aug_epochs:g})"
+    start = float(train.aug_start_epoch)
+    if start > 0 and start >= stop:
+        raise ConfigError(f"train.aug_start_epoch={start:g} leaves no epoch of strong augmentation: they stop "
+                          f"at {where}")
+    for name, prob in (("mosaic", data.mosaic_prob), ("mixup", data.mixup_prob)):
+        key = f"data.{name}_epochs"
+        window = epoch_window(data[f"{name}_epochs"], key)
+        if prob <= 0:
+            continue
+        if window is None:
+            if start >= stop:
+                raise ConfigError(f"data.{name}_prob={prob:g} has no epoch to act in: {key}=[] follows the strong "
+                                  f"augmentations, which stop at {where}")
+            continue
+        if window[1] > stop + 1e-9:
+            raise ConfigError(f"{key}={_epochs(window)} runs past the strong augmentations, which stop at {where}")
+        if name == "mosaic" and window[0] < start - 1e-9:
+            raise ConfigError(f"{key}={_epochs(window)} starts before the strong augmentations do "
+                              f"(train.aug_start_epoch={start:g}); Mosaic is one of them")
+    if optim.schedule == "flat_cosine" and float(optim.flat_epochs) > stop + 1e-9:
+        raise ConfigError(f"optim.flat_epochs={float(optim.flat_epochs):g} is beyond the end of the cosine, "
+                          f"which ends with the strong augmentations at {where}")
