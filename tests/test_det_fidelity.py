@@ -2,9 +2,7 @@
 warm-up, one category mapping from the training set, and a multi-scale side drawn by each process."""
 import json
 import math
-import shutil
 
-import numpy as np
 import pytest
 import torch
 from timm.layers import BatchNormAct2d, SyncBatchNormAct

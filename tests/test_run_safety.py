@@ -8,7 +8,6 @@ import stat
 from pathlib import Path
 
 import cv2
-import numpy as np
 import pytest
 import torch
 from launches import sync_calls

@@ -9,7 +9,6 @@ to the shards records sample and per-class counts, so sizes are known without re
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os

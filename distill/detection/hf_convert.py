@@ -24,9 +24,8 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
-import torch
 from torch import nn
 
 from distill.detection import dfine_layout

@@ -8,7 +8,6 @@ from itertools import islice
 from typing import Optional
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 
 from distill.data.loader import build_train_loader

@@ -6,7 +6,6 @@ import logging
 from pathlib import Path
 
 import timm
-import torch
 
 from distill.config import ConfigError
 from distill.data.loader import build_train_loader
