@@ -1,0 +1,58 @@
+"""Detection demo variants over several seeds: COCO AP and AP50 of each run (EMA weights), their mean and spread,
+and each run's wall time, as BENCHMARKS.md's tables.
+
+    python scripts/det_demo_seeds.py det_demo det_demo_dfine                    # seeds 0-2, one run after another
+    python scripts/det_demo_seeds.py det_demo_dfine,train.epochs=9 --seeds 0 1  # a variant: keys after commas
+
+Each run is `distill/finetune_det.py recipe=<recipe> <keys> train.seed=N` in a folder of its own under --out
+(resumed if it stopped); the demo's data is generated once under --data.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(variant: str, seed: int, out: Path, data: Path) -> dict:
+    recipe, *keys = variant.split(",")
+    folder = out / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', variant)}_s{seed}"
+    if not (folder / "summary.json").exists():
+        subprocess.run([sys.executable, str(ROOT / "distill" / "finetune_det.py"), f"recipe={recipe}", *keys,
+                        f"train.seed={seed}", f"output_dir={folder}", f"data.root={data}", "resume=auto"],
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True)
+    return json.loads((folder / "summary.json").read_text())
+
+
+def spread(values: list[float]) -> str:
+    mean = statistics.mean(values)
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * mean:.1f} ± {100 * sd:.1f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("variants", nargs="+", help="recipe name, then optional recipe keys after commas")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", type=Path, default=Path("runs/det_demo_seeds"))
+    parser.add_argument("--data", type=Path, default=Path("data/det_demo"))
+    args = parser.parse_args()
+    print("| variant | steps | AP per seed | AP, mean ± sd | AP50, mean ± sd | wall time per run, min |")
+    print("|---|---:|---|---:|---:|---:|")
+    for variant in args.variants:
+        runs = [run(variant, seed, args.out, args.data) for seed in args.seeds]
+        ap, ap50 = [r["AP"] for r in runs], [r["AP50"] for r in runs]
+        minutes = statistics.mean(r["wall_time_s"] for r in runs) / 60
+        print(f"| `{variant}` | {runs[0]['steps']} | {' / '.join(f'{100 * a:.1f}' for a in ap)} | {spread(ap)} | "
+              f"{spread(ap50)} | {minutes:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
