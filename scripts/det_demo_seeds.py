@@ -2,7 +2,7 @@
 and each run's wall time, as BENCHMARKS.md's tables.
 
     python scripts/det_demo_seeds.py det_demo det_demo_dfine                    # seeds 0-2, one run after another
-    python scripts/det_demo_seeds.py det_demo_dfine,train.epochs=9 --seeds 0 1  # a variant: keys after commas
+    python scripts/det_demo_seeds.py det_demo_dfine,train.steps=1100 --seeds 0 1  # keys after commas
 
 Each run is `distill/finetune_det.py recipe=<recipe> <keys> train.seed=N` in a folder of its own under --out
 (resumed if it stopped); the demo's data is generated once under --data.

@@ -182,7 +182,7 @@ def test_flat_cosine_has_deims_shape_at_known_steps():
 
 
 def test_the_demo_plan_puts_deims_epochs_on_steps():
-    cfg = load_det_config(["recipe=det_demo_dfine"])
+    cfg = load_det_config(["recipe=det_demo_deim"])
     plan = plan_steps(cfg, 800, 1)  # 100 steps an epoch at batch 8
     assert (plan.total_steps, plan.warmup, plan.strong_from, plan.strong_until, plan.mosaic, plan.mixup,
             plan.flat_until) == (1200, 50, 50, 1100, (50, 600), (50, 600), 600)
@@ -215,15 +215,15 @@ def test_the_demo_plan_puts_deims_epochs_on_steps():
 ])
 def test_unsupported_deim_settings_stop_at_load_with_one_line(overrides, message):
     with pytest.raises(ConfigError, match=message) as error:
-        load_det_config(["recipe=det_demo_dfine", *overrides])
+        load_det_config(["recipe=det_demo_deim", *overrides])
     assert "\n" not in str(error.value)
 
 
 @pytest.mark.parametrize("recipe, overrides, message", [
     # a length in steps: the epoch keys are checked once the data's size gives the epochs (300 steps: 3)
-    ("det_demo_dfine", ["train.steps=300"], r"data\.mosaic_epochs=\[0\.5, 6\] runs past the strong augmentations, "
+    ("det_demo_deim", ["train.steps=300"], r"data\.mosaic_epochs=\[0\.5, 6\] runs past the strong augmentations, "
                                             r"which stop at epoch 2 \(train\.steps=300 \(3 epochs\)"),
-    ("det_demo_dfine", ["optim.warmup_steps=700"], r"optim\.warmup_steps=700 runs past the flat stretch"),
+    ("det_demo_deim", ["optim.warmup_steps=700"], r"optim\.warmup_steps=700 runs past the flat stretch"),
     ("det_demo", ["data.mosaic_prob=0.5"], r"data\.mosaic_prob=0\.5 has no epoch to act in"),
 ])
 def test_settings_that_need_the_data_size_stop_before_training(recipe, overrides, message):

@@ -143,19 +143,25 @@ def test_conversion_to_transformers_rtdetr_refuses_the_dfine_head():
         to_transformers(model, ["a", "b", "c"])
 
 
-def test_the_demo_recipe_differs_from_det_demo_in_the_head_and_deims_training():
-    dfine, plain = load_det_config(["recipe=det_demo_dfine"]), load_det_config(["recipe=det_demo"])
+def test_the_demo_recipes_differ_from_det_demo_in_the_head_then_in_deims_training():
+    plain, dfine, deim = (load_det_config([f"recipe={r}"]) for r in ("det_demo", "det_demo_dfine", "det_demo_deim"))
     assert dfine.model.head == "dfine" and plain.model.head == "rtdetrv2"
     assert {k for k in plain.model if plain.model[k] != dfine.model[k]} == {"head", "class_loss"}
-    changed = {f"{section}.{k}" for section in ("data", "optim", "train", "eval")
-               for k in plain[section] if plain[section][k] != dfine[section][k]}
-    assert changed == {"data.mosaic_prob", "data.mosaic_epochs", "data.mosaic_size", "data.mixup_prob",
-                       "data.mixup_epochs", "optim.schedule", "optim.flat_epochs", "optim.min_lr_ratio",
-                       "train.steps", "train.epochs", "train.aug_start_epoch", "train.no_aug_epochs"}
+    assert dfine.model.class_loss == "mal" and deim.model == dfine.model
+
+    def changed(a, b):
+        return {f"{section}.{k}" for section in ("data", "optim", "train", "eval") for k in a[section]
+                if a[section][k] != b[section][k]}
+
+    assert changed(plain, dfine) == set()
+    assert changed(dfine, deim) == {"data.mosaic_prob", "data.mosaic_epochs", "data.mosaic_size", "data.mixup_prob",
+                                    "data.mixup_epochs", "optim.schedule", "optim.flat_epochs",
+                                    "optim.min_lr_ratio", "train.steps", "train.epochs", "train.aug_start_epoch",
+                                    "train.no_aug_epochs"}
     # the same 1200 steps: 12 epochs of 800 images at batch 8; DEIM-D-FINE-S's epochs scaled by 12 / 132
-    assert (dfine.train.epochs, plain.train.steps, dfine.data.batch_size) == (12, 1200, 8)
-    assert (dfine.train.aug_start_epoch, list(dfine.data.mosaic_epochs), list(dfine.data.mixup_epochs),
-            dfine.optim.flat_epochs, dfine.train.no_aug_epochs) == (0.5, [0.5, 6], [0.5, 6], 6, 1)
+    assert (deim.train.epochs, plain.train.steps, deim.data.batch_size) == (12, 1200, 8)
+    assert (deim.train.aug_start_epoch, list(deim.data.mosaic_epochs), list(deim.data.mixup_epochs),
+            deim.optim.flat_epochs, deim.train.no_aug_epochs) == (0.5, [0.5, 6], [0.5, 6], 6, 1)
 
 
 def test_head_and_criterion_learn_a_fixed_batch():
@@ -220,7 +226,7 @@ def test_fine_tuning_with_the_dfine_head_runs_end_to_end(tmp_path):
         deim = ["train.epochs=1.5", "train.aug_start_epoch=0", "train.no_aug_epochs=0.5", "data.mosaic_prob=1",
                 "data.mosaic_epochs=[0,1]", "data.mixup_prob=1", "data.mixup_epochs=[0,1]", "optim.flat_epochs=0.5",
                 "optim.warmup_steps=1", "data.mosaic_size=48"]
-        summary = main(["recipe=det_demo_dfine", f"data.root={tmp_path / 'shapes'}", "data.generate=null",
+        summary = main(["recipe=det_demo_deim", f"data.root={tmp_path / 'shapes'}", "data.generate=null",
                         f"output_dir={tmp_path / 'run'}", *deim, "model.backbone=test_efficientnet",
                         "model.hidden_dim=32", "model.dim_feedforward=64", "model.num_heads=2",
                         "model.num_decoder_layers=2", "model.num_queries=20", "data.img_size=96",

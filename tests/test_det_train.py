@@ -156,7 +156,7 @@ def test_every_detection_recipe_resolves_into_the_model_config():
     for name in set(ours) - recipe_only:
         assert ours[name].default == theirs[name].default, name
     recipes = sorted(p.stem for pattern in ("rtdetr_*.yaml", "dfine_*.yaml") for p in (ROOT / "recipes").glob(pattern))
-    recipes += ["deim_base", "det_demo", "det_demo_dfine"]
+    recipes += ["deim_base", "det_demo", "det_demo_dfine", "det_demo_deim"]
     assert len(recipes) >= 17
     for name in recipes:
         cfg = load_det_config([f"recipe={name}"])
