@@ -1,5 +1,6 @@
-"""Detection demo variants over several seeds: COCO AP and AP50 of each run (EMA weights), their mean and spread,
-and each run's wall time, as BENCHMARKS.md's tables.
+"""Detection demo variants over several seeds: COCO AP and AP50 of each run (EMA weights) with their mean and
+spread, as BENCHMARKS.md's tables. (Each run's wall time is in its summary.json, `wall_time_s`: comparable only
+between runs that shared the machine alike.)
 
     python scripts/det_demo_seeds.py det_demo det_demo_dfine                    # seeds 0-2, one run after another
     python scripts/det_demo_seeds.py det_demo_dfine,train.steps=1100 --seeds 0 1  # keys after commas
@@ -44,14 +45,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/det_demo_seeds"))
     parser.add_argument("--data", type=Path, default=Path("data/det_demo"))
     args = parser.parse_args()
-    print("| variant | steps | AP per seed | AP, mean ± sd | AP50, mean ± sd | wall time per run, min |")
-    print("|---|---:|---|---:|---:|---:|")
+    print("| variant | steps | AP per seed | AP, mean ± sd | AP50, mean ± sd |")
+    print("|---|---:|---|---:|---:|")
     for variant in args.variants:
         runs = [run(variant, seed, args.out, args.data) for seed in args.seeds]
         ap, ap50 = [r["AP"] for r in runs], [r["AP50"] for r in runs]
-        minutes = statistics.mean(r["wall_time_s"] for r in runs) / 60
         print(f"| `{variant}` | {runs[0]['steps']} | {' / '.join(f'{100 * a:.1f}' for a in ap)} | {spread(ap)} | "
-              f"{spread(ap50)} | {minutes:.1f} |")
+              f"{spread(ap50)} |")
 
 
 if __name__ == "__main__":
