@@ -14,7 +14,9 @@ torch.set_num_threads(1)
 # together instead of one finishing a ten-minute file alone.
 LONG_FIRST = ["test_demo.py", "test_cluster.py", "test_demo_signals.py", "test_pretrain.py", "test_entry_points.py",
               "test_offline.py", "test_det_cluster.py", "test_det_train.py", "test_curate.py",
-              "test_det_model_train.py", "test_feature_distill.py", "test_packaging.py"]
+              "test_det_model_train.py", "test_feature_distill.py", "test_packaging.py", "test_export_hf_dfine.py",
+              "test_det_handoff.py", "test_det_deim.py", "test_export_onnx.py", "test_det_eval_table.py",
+              "test_det_dfine.py"]
 
 
 def pytest_collection_modifyitems(items):
