@@ -47,6 +47,9 @@ def print_outcome(cfg: DictConfig, summary: dict) -> None:
         return
     teacher, student = summary.get("teacher_top1"), summary["student_ema_top1"]
     how = "distilled" if cfg.loss.kd_weight else "feature maps only" if cfg.loss.feature_weight else "labels only"
+    if trend := summary.get("feature_loss"):
+        print(f"feature   {cfg.loss.feature_loss} loss {trend['first']:.3f} at step {trend['first_step']} -> "
+              f"{trend['last']:.3f} at step {trend['last_step']}", flush=True)
     if student is None:  # no data.val_shards (a feature-only run trains no classifier)
         print(f"student   {cfg.student.name}, {how}: no top-1 measured (data.val_shards is not set); "
               f"the losses are in {Path(cfg.output_dir) / 'metrics.jsonl'}", flush=True)

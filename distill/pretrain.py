@@ -30,7 +30,7 @@ from distill.engine.checkpoint import CheckpointWriter, atomic_write_text, resol
 from distill.engine.distributed import end_processes, match_gradient_buckets, share_buffers, start_processes
 from distill.engine.evaluate import evaluate_topk
 from distill.engine.guards import UpdateGuard, weight_checksums
-from distill.engine.logging import finish_trackers, make_accelerator, start_trackers
+from distill.engine.logging import finish_trackers, logged_trend, make_accelerator, start_trackers
 from distill.engine.optim import build_optimizer, warmup_cosine
 from distill.engine.preemption import STOP, Preempted, StopAgreement, stop_agreed, stop_here, timeouts_named
 from distill.engine.ema import build_ema
@@ -207,6 +207,8 @@ def train(cfg, writer: CheckpointWriter) -> dict:
         "process_weight_checksums": checksums,
     }
     if accelerator.is_main_process:
+        if features:  # as logged (metrics.jsonl is the main process's)
+            summary["feature_loss"] = logged_trend(out / "metrics.jsonl", "feature")
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
         logger.info("summary: %s", json.dumps({k: summary[k] for k in ("steps", "teacher_top1", "student_top1", "student_ema_top1")}))
     finish_trackers(accelerator)  # the processes stay one group: a baseline run may follow

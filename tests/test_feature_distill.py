@@ -306,6 +306,9 @@ def test_demo_feature_run_lowers_its_feature_loss_and_exports_no_heads(tmp_path)
     assert len(feature) == 3 and feature[-1] < 0.8 * feature[0], feature
     assert all(r["loss"] == pytest.approx(r["feature"]) for r in records if "feature" in r)
     assert "feature maps only: no top-1 measured" in proc.stdout
+    trend = json.loads((out / "summary.json").read_text())["feature_loss"]
+    assert trend == {"first_step": 10, "first": feature[0], "last_step": 30, "last": feature[-1]}
+    assert f"feature   cosine loss {feature[0]:.3f} at step 10 -> {feature[-1]:.3f} at step 30" in proc.stdout
     ckpt = torch.load(out / "ckpt-00000030.pt", map_location="cpu", weights_only=False)
     assert any(k.startswith(f"{HEADS}.") for k in ckpt["student"])
 

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from distill.config import ConfigError
-from distill.engine.logging import check_trackers, make_accelerator, start_trackers
+from distill.engine.logging import check_trackers, logged_trend, make_accelerator, start_trackers
 from distill.engine.progress import ProgressBar, banner
 
 
@@ -122,6 +122,17 @@ def test_jsonl_always_written_and_config_and_name_reach_the_trackers(tmp_path):
     (hparams,) = (tmp_path / "my_run").rglob("hparams.yml")  # tensorboard got the resolved configuration
     stored = yaml.safe_load(hparams.read_text())
     assert stored["train.steps"] == 7 and stored["optim.betas"] == "[0.9, 0.99]" and stored["recipe"] == "demo"
+
+
+def test_logged_trend_reads_a_resumed_log_by_its_latest_records(tmp_path):
+    """A run killed after logging step 30 and resumed from its step-20 checkpoint logs step 30 again: the
+    resumed run's record counts."""
+    log = tmp_path / "metrics.jsonl"
+    rows = [{"step": 10, "feature": 0.9}, {"step": 20, "feature": 0.7}, {"step": 30, "feature": 0.5},
+            {"step": 5, "lr": 1.0}, {"step": 30, "feature": 0.4, "loss": 0.4}]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert logged_trend(log, "feature") == {"first_step": 10, "first": 0.9, "last_step": 30, "last": 0.4}
+    assert logged_trend(log, "kd") is None and logged_trend(tmp_path / "absent.jsonl", "feature") is None
 
 
 def test_run_name_goes_to_hosted_trackers(tmp_path):

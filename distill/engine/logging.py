@@ -53,6 +53,21 @@ def _plain(value):
     return value.item() if isinstance(value, torch.Tensor) else value
 
 
+def logged_trend(path: Path, key: str) -> Optional[dict]:
+    """The first and the last value of `key` in a run's metrics.jsonl with their steps, or None if it was never
+    logged. A resumed run logs again the steps after its checkpoint: the latest record of a step counts."""
+    by_step: dict[int, float] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            if record.get(key) is not None:
+                by_step[record["step"]] = record[key]
+    if not by_step:
+        return None
+    first, last = min(by_step), max(by_step)
+    return {"first_step": first, "first": by_step[first], "last_step": last, "last": by_step[last]}
+
+
 def known_trackers() -> list[str]:
     return sorted({"jsonl", *LOGGER_TYPE_TO_CLASS})
 
