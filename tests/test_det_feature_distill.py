@@ -256,6 +256,28 @@ def test_settings_the_models_cannot_meet_fail_in_one_line(world, overrides, mess
     assert "\n" not in str(caught.value)
 
 
+def test_a_local_teacher_checkpoint_is_read_without_its_classifier(world, tmp_path):
+    """`distill.teacher_checkpoint`: a teacher trained elsewhere (here a 7-class classifier) gives its feature
+    layers; a checkpoint of another model is refused naming the keys that differ."""
+    from distill.detection.rtdetr import build_rtdetr
+    from distill.engine.checkpoint import CheckpointMismatch
+    from distill.finetune_det import model_config
+    from distill.models.factory import create_model
+
+    trained = create_model("test_resnet", num_classes=7)
+    torch.save(trained.state_dict(), tmp_path / "teacher.pt")
+    cfg = config(world, *TEACHER, f"distill.teacher_checkpoint={tmp_path / 'teacher.pt'}")
+    distill = build_feature_distill(cfg, build_rtdetr(model_config(cfg.model)), CPU, 2.0, 100)
+    loaded = distill.teacher.model.state_dict()
+    assert loaded and all(torch.equal(loaded[k], trained.state_dict()[k]) for k in loaded)
+    assert not any(k.startswith("fc.") for k in loaded)  # no classifier was built
+
+    torch.save(create_model("resnet10t", num_classes=7).state_dict(), tmp_path / "other.pt")
+    cfg = config(world, *TEACHER, f"distill.teacher_checkpoint={tmp_path / 'other.pt'}")
+    with pytest.raises(CheckpointMismatch, match=r"other\.pt does not fit the distill\.teacher test_resnet"):
+        build_feature_distill(cfg, build_rtdetr(model_config(cfg.model)), CPU, 2.0, 100)
+
+
 def test_bad_values_are_refused_at_load(world):
     with pytest.raises(ConfigError, match="distill.schedule"):
         config(world, "distill.schedule=cosine")

@@ -40,6 +40,7 @@ from torch import nn
 from distill.errors import ConfigError
 from distill.feature_losses import feature_loss, resize_to
 from distill.models.feature_taps import FeatureTaps, feature_points, points_at_indices
+from distill.models.features import load_feature_weights
 from distill.models.projection import ProjectionHeads
 from distill.models.teacher import FrozenTeacher, create_teacher, model_spec
 
@@ -231,7 +232,11 @@ def build_feature_distill(cfg, detector: nn.Module, accelerator, steps_per_epoch
     if not d.teacher:
         return None
     side = d.teacher_img_size or model_spec(d.teacher).img_size  # a ViT is built for the side it runs at
-    teacher = create_teacher(d.teacher, d.teacher_pretrained, None, num_classes=None, img_size=side)
+    local = d.teacher_checkpoint
+    teacher = create_teacher(d.teacher, d.teacher_pretrained and not local, None, num_classes=0 if local else None,
+                             img_size=side)
+    if local:  # by name, without the head: a checkpoint of any class count serves
+        load_feature_weights(teacher.model, local, f"distill.teacher {d.teacher}")
     teacher.for_device(accelerator.device, accelerator.mixed_precision, channels_last=False, compile=False)
     distill = DetFeatureDistill(cfg, detector, teacher, accelerator, steps_per_epoch, strong_until)
     if accelerator.is_main_process:

@@ -134,6 +134,9 @@ class DetDistillConfig:
 
     teacher: Optional[str] = None  # timm name, e.g. vit_small_patch14_dinov2.lvd142m (RT-DETRv4: DINOv3 ViT-B/16)
     teacher_pretrained: bool = True  # hub weights: a foundation model's features are the point
+    # local weights instead (a run checkpoint, state dict, safetensors file or exported folder); a classifier
+    # head in it is not needed and not read
+    teacher_checkpoint: Optional[str] = None
     # The side the teacher sees (resized from the batch); null: its own pretrained side. RT-DETRv4 gives its
     # /16 ViT half the detector's side, so that its patch grid is the stride-32 grid (320 for 640).
     teacher_img_size: Optional[int] = None
