@@ -276,6 +276,9 @@ def test_a_local_teacher_checkpoint_is_read_without_its_classifier(world, tmp_pa
     cfg = config(world, *TEACHER, f"distill.teacher_checkpoint={tmp_path / 'other.pt'}")
     with pytest.raises(CheckpointMismatch, match=r"other\.pt does not fit the distill\.teacher test_resnet"):
         build_feature_distill(cfg, build_rtdetr(model_config(cfg.model)), CPU, 2.0, 100)
+    cfg = config(world, *TEACHER, f"distill.teacher_checkpoint={tmp_path / 'absent.pt'}")
+    with pytest.raises(ConfigError, match=r"^distill\.teacher_checkpoint=.*absent\.pt: no such file or folder$"):
+        build_feature_distill(cfg, build_rtdetr(model_config(cfg.model)), CPU, 2.0, 100)
 
 
 def test_bad_values_are_refused_at_load(world):

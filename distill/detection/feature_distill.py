@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import math
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
@@ -233,6 +234,8 @@ def build_feature_distill(cfg, detector: nn.Module, accelerator, steps_per_epoch
         return None
     side = d.teacher_img_size or model_spec(d.teacher).img_size  # a ViT is built for the side it runs at
     local = d.teacher_checkpoint
+    if local and not Path(local).exists():
+        raise ConfigError(f"distill.teacher_checkpoint={local}: no such file or folder")
     teacher = create_teacher(d.teacher, d.teacher_pretrained and not local, None, num_classes=0 if local else None,
                              img_size=side)
     if local:  # by name, without the head: a checkpoint of any class count serves
