@@ -25,6 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from det_demo_seeds import spread  # noqa: E402
 
+from distill.engine.checkpoint import resolve_resume  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 BACKBONE = "mobilenetv4_conv_small_035"  # det_demo's backbone
 # Pretraining keys on top of recipes/demo_feature.yaml (feature maps only, on the images without classes):
@@ -43,17 +45,15 @@ def python(script: str, *args: str) -> None:
 
 
 def pretrain(keys: list[str], seed: int, folder: Path, teacher: Path, data: Path) -> Path:
-    """The pretrained student's checkpoint; the first run fits the shared teacher and copies it to `teacher`."""
-    checkpoint = folder / "ckpt-00000300.pt"
+    """The pretrained student's last checkpoint; the first run fits the shared teacher and copies it to
+    `teacher`."""
     if not (folder / "summary.json").exists():
         shared = [f"teacher.checkpoint={teacher}", "teacher.fit_steps=0"] if teacher.exists() else []
         python("pretrain.py", "recipe=demo_feature", f"student.name={BACKBONE}", *keys, *shared,
                f"train.seed={seed}", f"output_dir={folder}", f"data.root={data}", "resume=auto")
         if not teacher.exists():
             shutil.copy(folder / "teacher.pt", teacher)
-    if not checkpoint.exists():
-        raise SystemExit(f"{folder} finished without {checkpoint.name}: was demo_feature's train.steps changed?")
-    return checkpoint
+    return resolve_resume("auto", folder)
 
 
 def finetune(backbone: Path | None, seed: int, folder: Path, data: Path) -> dict:
