@@ -13,7 +13,8 @@ mismatch raises instead of exporting a wrong model. Eval mode only: folding free
 from __future__ import annotations
 
 from collections import Counter
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -82,6 +83,18 @@ def fold_batch_norms(model: nn.Module, example: torch.Tensor) -> int:
     return folded
 
 
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Modules built inside are of `dtype`: timm's re-parameterisation builds its fused convolutions in the
+    default dtype, which would otherwise round a float64 (or bf16) model's fused weights to float32."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
 @torch.no_grad()
 def deploy_form(model: nn.Module, probe_side: Optional[int] = None, atol: float = 1e-4) -> nn.Module:
     """`model` (an RT-DETR) in its deploy form, in place and in eval mode; raises if its maps changed."""
@@ -90,10 +103,12 @@ def deploy_form(model: nn.Module, probe_side: Optional[int] = None, atol: float 
     model.eval()
     side = probe_side or _probe_side(model)
     probe = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(0))
-    probe = probe.to(next(model.parameters()).device)
+    first = next(model.parameters())
+    probe = probe.to(first.device, first.dtype)
     before = _memory(model, probe)
-    model.reparameterize()  # the neck's RepVGG units
-    reparameterize_model(model.backbone, inplace=True)  # the backbone's own (RepViT), by timm's convention
+    with _default_dtype(first.dtype):
+        model.reparameterize()  # the neck's RepVGG units
+        reparameterize_model(model.backbone, inplace=True)  # the backbone's own (RepViT), by timm's convention
     fold_batch_norms(model, probe)
     after = _memory(model, probe)
     for level, (a, b) in enumerate(zip(before, after)):
