@@ -1,7 +1,9 @@
 """Every GPU speed target of the project, measured side by side in one run, printed as one Markdown table.
 
-    python scripts/bench_gpu.py                     # one GPU, full sizes: about 8 minutes on an H100
-    python scripts/bench_gpu.py --smoke             # the CPU, tiny sizes: about a minute (CI keeps it working)
+    python scripts/bench_gpu.py                     # one GPU, full sizes: about 8 minutes on an H100 (a guess)
+    python scripts/bench_gpu.py --quick             # same sizes and rows, fewer repetitions: ~3 min (estimated)
+    python scripts/bench_gpu.py --quick --smoke     # the CPU, tiny sizes: seconds (the tests keep it working)
+    python scripts/bench_gpu.py --smoke             # the CPU, tiny sizes, the full repetitions
 
 Rows (each a ratio of two figures measured in this run, on this device):
 1. compute bound: the student alone (forward, backward, fused AdamW) on synthetic batches already on the
@@ -14,7 +16,12 @@ Rows (each a ratio of two figures measured in this run, on this device):
    with full teacher distributions from shards on local disk, feeding the real step; images/s against row 1
    and the share of step time spent waiting for data. Target: >= 90% of the compute bound;
 4. RT-DETR: training step and batch-1 latency of ours against transformers' RT-DETRv2 with the same timm
-   backbone, at 640 px (`scripts/bench_detection.py`). Targets: step time <= 1/1.3, latency <= 0.8x.
+   backbone, at 640 px (`scripts/bench_detection.py`). Targets: step time <= 1/1.3, latency <= 0.8x;
+5. host syncs: the synchronising CUDA calls CUDA's sync debug mode reports in a few steps of rows 2 and 3
+   (loader included). Target: none.
+
+`--quick` keeps every row and every size and cuts repetitions (warm-up, timed steps, stored views, detection
+rounds): most of its time is compiling. Rows print as they are measured, so a run stopped early keeps them.
 
 Weights are random (nothing is downloaded); throughput does not depend on them.
 """
@@ -22,12 +29,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -51,10 +60,14 @@ from distill.pretrain import StepParts, distill_step  # noqa: E402
 
 FULL = dict(student="mobilenetv4_conv_small", teacher="tf_efficientnet_b3", teacher_size=300, img_size=224,
             batch=256, classes=1000, views=12_288, workers=min(16, os.cpu_count() or 1), warmup=15, steps=30,
-            rounds=3, compile=True, precision="bf16", det_size=640)
+            rounds=3, compile=True, precision="bf16", det_size=640, det_rounds=(20, 50))
 SMOKE = dict(student="mobilenetv4_conv_small_035", teacher="resnet18", teacher_size=96, img_size=64, batch=8,
              classes=10, views=96, workers=2, warmup=2, steps=3, rounds=2, compile=False, precision="no",
-             det_size=128)
+             det_size=128, det_rounds=(2, 2))
+# --quick: fewer repetitions, same sizes; the first warm-up step compiles, the others settle cudnn's choices
+QUICK = dict(warmup=5, steps=10, views=3_072, det_rounds=(6, 16))
+QUICK_SMOKE = dict(warmup=1, steps=2, views=48, det_rounds=(1, 1))
+SYNC_STEPS = 5  # steps counted under CUDA's sync debug mode, after the timed ones
 
 
 def device_line(device: torch.device) -> str:
@@ -89,6 +102,24 @@ def alternate(sides: dict, cfg: dict, device) -> dict[str, float]:
         for k in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
             runs[k].append(rate(sides[k], cfg["steps"], cfg["batch"], device))
     return {k: statistics.median(v) for k, v in runs.items()}
+
+
+def host_syncs(step, n: int, device) -> int | None:
+    """Synchronising CUDA calls (a host waiting for the device) over `n` calls of `step`, as CUDA's sync debug
+    mode reports them; None on the CPU, where the steps still run."""
+    if device.type != "cuda":
+        for _ in range(n):
+            step()
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(n):
+                step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 # ---- the parts of the distillation loop ------------------------------------------------------------------
@@ -211,7 +242,8 @@ def online(student, cfg, device) -> dict[str, float]:
         timm_side(*timm_batches[count[0] % 2])
         count[0] += 1
 
-    return alternate({"ours": ours, "timm": timm}, cfg, device)
+    rates = alternate({"ours": ours, "timm": timm}, cfg, device)
+    return rates | {"syncs": host_syncs(ours, SYNC_STEPS, device)}
 
 
 def write_views(folder: Path, cfg: dict) -> None:
@@ -232,7 +264,8 @@ def write_views(folder: Path, cfg: dict) -> None:
 
 
 def offline(student, cfg, device, folder: Path) -> dict[str, float]:
-    """The real loader feeding the real step; returns images/s and the share of time waiting for data."""
+    """The real loader feeding the real step; returns images/s, the share of time waiting for data and the
+    host syncs of a few more steps."""
     write_views(folder / "views", cfg)
     mix = DataMix.from_dict({"sources": {"views": {"shards": "views", "augment": "flip"}}}, folder)
     parts = our_parts(copy.deepcopy(student), None, cfg, device, offline=True)
@@ -253,7 +286,9 @@ def offline(student, cfg, device, folder: Path) -> dict[str, float]:
         distill_step(parts, [batch], loop_cfg, i)
     sync(device)
     total = time.perf_counter() - start
-    return {"rate": n * cfg["batch"] / total, "waiting": waiting / total}
+    more = itertools.count(n)
+    syncs = host_syncs(lambda: distill_step(parts, [next(batches)], loop_cfg, next(more)), SYNC_STEPS, device)
+    return {"rate": n * cfg["batch"] / total, "waiting": waiting / total, "syncs": syncs}
 
 
 def detection(cfg, device, smoke: bool) -> dict[str, float]:
@@ -263,10 +298,10 @@ def detection(cfg, device, smoke: bool) -> dict[str, float]:
 
     dtype = torch.bfloat16 if cfg["precision"] == "bf16" else None
     if smoke:
-        sizes, batch, rounds = DetectorSizes(num_classes=10, num_queries=30, num_denoising=10), 2, (2, 2)
+        sizes, batch = DetectorSizes(num_classes=10, num_queries=30, num_denoising=10), 2
     else:  # RT-DETRv2-S widths with the student as backbone
-        sizes, batch, rounds = DetectorSizes("mobilenetv4_conv_small", hidden_dim=256, ffn_dim=1024,
-                                             num_queries=300), 16, (20, 50)
+        sizes, batch = DetectorSizes("mobilenetv4_conv_small", hidden_dim=256, ffn_dim=1024, num_queries=300), 16
+    rounds = cfg["det_rounds"]
     train = summarise(train_step_times(sizes, device, cfg["det_size"], dtype, batch_size=batch, rounds=rounds[0],
                                        warmup=2))
     latency = summarise(latency_times(sizes, device, cfg["det_size"], dtype, rounds=rounds[1], warmup=3))
@@ -275,12 +310,47 @@ def detection(cfg, device, smoke: bool) -> dict[str, float]:
             "ours_latency_ms": side(latency, "ours"), "hf_latency_ms": side(latency, "transformers")}
 
 
+def rows_of(cfg, device, student, skip_detection: bool, smoke: bool):
+    """The table's rows, each yielded as soon as it is measured."""
+    bound = compute_bound(student, cfg, device)
+    yield "compute bound", ("compute bound: student alone, synthetic batches on the device", f"{bound:,.0f} img/s",
+                            "", "")
+    kd = online(student, cfg, device)
+    yield "online", ("online KD: ours vs timm LogitDistillationTask", f"{kd['ours']:,.0f} vs {kd['timm']:,.0f} img/s",
+                     f"{kd['ours'] / kd['timm']:.2f}x",
+                     "met" if kd["ours"] >= 1.3 * kd["timm"] else "not met (>= 1.3x)")
+    with tempfile.TemporaryDirectory() as tmp:
+        off = offline(student, cfg, device, Path(tmp))
+    yield "offline", (f"offline: real shards, {cfg['workers']} loader workers, vs compute bound",
+                      f"{off['rate']:,.0f} img/s, {off['waiting']:.0%} of step time waiting for data",
+                      f"{off['rate'] / bound:.2f}x", "met" if off["rate"] >= 0.9 * bound else "not met (>= 0.90x)")
+    syncs = (kd["syncs"], off["syncs"])
+    yield "", (
+        "host syncs in the training step: online, offline (CUDA sync debug mode)",
+        "not counted on the CPU" if None in syncs else f"{syncs[0]} and {syncs[1]} in {SYNC_STEPS} steps each", "",
+        "" if None in syncs else "met" if syncs == (0, 0) else "not met (none)")
+    if skip_detection:
+        return
+    det = detection(cfg, device, smoke)
+    yield "RT-DETR", (f"RT-DETR train step, {cfg['det_size']} px: ours vs transformers",
+                      f"{det['ours_train_ms']:.1f} vs {det['hf_train_ms']:.1f} ms",
+                      f"{det['hf_train_ms'] / det['ours_train_ms']:.2f}x faster",
+                      "met" if det["hf_train_ms"] >= 1.3 * det["ours_train_ms"] else "not met (>= 1.3x)")
+    yield "", (f"RT-DETR batch-1 latency, {cfg['det_size']} px: ours vs transformers",
+               f"{det['ours_latency_ms']:.2f} vs {det['hf_latency_ms']:.2f} ms",
+               f"{det['ours_latency_ms'] / det['hf_latency_ms']:.2f}x the time",
+               "met" if det["ours_latency_ms"] <= 0.8 * det["hf_latency_ms"] else "not met (<= 0.80x)")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU")
+    ap.add_argument("--quick", action="store_true", help="every row and size, fewer repetitions")
     ap.add_argument("--skip-detection", action="store_true")
     args = ap.parse_args(argv)
     cfg = SMOKE if args.smoke else FULL
+    if args.quick:
+        cfg = cfg | (QUICK_SMOKE if args.smoke else QUICK)
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     if device.type == "cpu":
         torch.set_num_threads(1)  # steady CPU figures: a spinning thread pool on a busy machine swamps them
@@ -289,38 +359,19 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     student = create_model(cfg["student"], cfg["classes"])
 
-    bound = compute_bound(student, cfg, device)
-    kd = online(student, cfg, device)
-    with tempfile.TemporaryDirectory() as tmp:
-        off = offline(student, cfg, device, Path(tmp))
-    det = None if args.skip_detection else detection(cfg, device, args.smoke)
-
-    rows = [
-        ("compute bound: student alone, synthetic batches on the device", f"{bound:,.0f} img/s", "", ""),
-        ("online KD: ours vs timm LogitDistillationTask", f"{kd['ours']:,.0f} vs {kd['timm']:,.0f} img/s",
-         f"{kd['ours'] / kd['timm']:.2f}x", "met" if kd["ours"] >= 1.3 * kd["timm"] else "not met (>= 1.3x)"),
-        (f"offline: real shards, {cfg['workers']} loader workers, vs compute bound",
-         f"{off['rate']:,.0f} img/s, {off['waiting']:.0%} of step time waiting for data",
-         f"{off['rate'] / bound:.2f}x", "met" if off["rate"] >= 0.9 * bound else "not met (>= 0.90x)"),
-    ]
-    if det:
-        rows += [
-            (f"RT-DETR train step, {cfg['det_size']} px: ours vs transformers",
-             f"{det['ours_train_ms']:.1f} vs {det['hf_train_ms']:.1f} ms",
-             f"{det['hf_train_ms'] / det['ours_train_ms']:.2f}x faster",
-             "met" if det["hf_train_ms"] >= 1.3 * det["ours_train_ms"] else "not met (>= 1.3x)"),
-            (f"RT-DETR batch-1 latency, {cfg['det_size']} px: ours vs transformers",
-             f"{det['ours_latency_ms']:.2f} vs {det['hf_latency_ms']:.2f} ms",
-             f"{det['ours_latency_ms'] / det['hf_latency_ms']:.2f}x the time",
-             "met" if det["ours_latency_ms"] <= 0.8 * det["hf_latency_ms"] else "not met (<= 0.80x)"),
-        ]
     print(f"device: {device_line(device)}")
     print(f"student {cfg['student']} at {cfg['img_size']} px, teacher {cfg['teacher']} at {cfg['teacher_size']} px, "
           f"batch {cfg['batch']}, precision {cfg['precision']}, compile {cfg['compile']}; {cfg['warmup']} warm-up + "
-          f"{cfg['rounds']} alternating rounds x {cfg['steps']} steps" + (" (smoke sizes)" if args.smoke else ""))
-    print("\n| figure | measured | ratio | target |\n|---|---|---:|---|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+          f"{cfg['rounds']} alternating rounds x {cfg['steps']} steps" + (" (smoke sizes)" if args.smoke else "")
+          + (" (quick)" if args.quick else ""))
+    print("\n| figure | measured | ratio | target |\n|---|---|---:|---|", flush=True)
+    seconds, start = [], time.perf_counter()
+    for name, row in rows_of(cfg, device, student, args.skip_detection, args.smoke):
+        print("| " + " | ".join(row) + " |", flush=True)
+        if name:  # a row's own measurement (the syncs come with rows 2-3, the latency with the train step)
+            seconds.append(f"{name} {time.perf_counter() - start:.0f} s")
+            start = time.perf_counter()
+    print("\nseconds per row, compiling included: " + ", ".join(seconds))
 
 
 if __name__ == "__main__":
