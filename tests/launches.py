@@ -20,13 +20,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
-import torch
+from device_syncs import CountSyncs
 
 import distill
 from distill.engine.checkpoint import list_checkpoints
 
-# Tensor methods that wait for the device when the tensor lives on a GPU
-SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__float__", "__int__", "__index__")
 WARM_MODULES = ("distill.pretrain", "distill.finetune_det", "distill.label_views", "distill.curate")
 
 
@@ -222,28 +220,17 @@ def kill_after(proc: Launch, out: Path, step: int) -> int:
 
 @contextmanager
 def sync_calls(monkeypatch, module, step_function: str):
-    """Inside each call of `module.<step_function>`, the (method, file, function) of every SYNC_METHODS call:
-    yields the list, one list per step."""
-    calls, inside = [], [False]
-    for name in SYNC_METHODS:
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *a, __original=original, __name=name, **k):
-            if inside[0]:
-                frame = sys._getframe(1)
-                calls[-1].append((__name, Path(frame.f_code.co_filename).name, frame.f_code.co_name))
-            return __original(self, *a, **k)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
+    """Inside each call of `module.<step_function>`, the (call, file, function) of every call that would make
+    the host wait for a GPU (`device_syncs.CountSyncs`: on the CPU the step's device is read as a GPU): yields
+    the list, one list per step."""
+    calls = []
     step = getattr(module, step_function)
 
     def watched(*args, **kwargs):
-        calls.append([])
-        inside[0] = True
-        try:
+        counter = CountSyncs()
+        calls.append(counter.calls)
+        with counter:
             return step(*args, **kwargs)
-        finally:
-            inside[0] = False
 
     monkeypatch.setattr(module, step_function, watched)
     yield calls

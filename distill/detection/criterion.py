@@ -18,9 +18,10 @@ from torch import nn
 
 from distill.detection.box_ops import cxcywh_to_xyxy, elementwise_box_iou, generalized_box_iou_loss
 from distill.detection.matcher import HungarianMatcher
+from distill.detection.settings import CLASSIFICATION_LOSSES
+from distill.engine.host_copy import to_device
 
 DEFAULT_WEIGHTS = {"vfl": 1.0, "mal": 1.0, "bbox": 5.0, "giou": 2.0}
-CLASSIFICATION_LOSSES = ("vfl", "mal")
 MAL_GAMMA = 1.5  # DEIM's
 
 
@@ -30,7 +31,7 @@ def average_box_count(targets: list[dict], device: torch.device) -> torch.Tensor
 
 def average_count(count: int, device: torch.device) -> torch.Tensor:
     """A per-process count averaged over processes, at least 1: the normaliser of a loss."""
-    count = torch.tensor(float(count), device=device)
+    count = torch.full((), float(count), device=device)  # a fill on the device, not a copy that waits for it
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(count)
         count = count / dist.get_world_size()
@@ -133,10 +134,7 @@ def _gather(targets, indices, device):
     image = torch.cat([torch.full_like(s, i) for i, (s, _) in enumerate(indices)])
     offsets = torch.tensor([0] + [len(t["labels"]) for t in targets]).cumsum(0)[:-1]
     flat = torch.cat([t + offsets[i] for i, (_, t) in enumerate(indices)])
-    host = torch.stack([image, src, flat])
-    if device.type == "cuda":
-        host = host.pin_memory()
-    batch_idx, query_idx, target_idx = host.to(device, non_blocking=True)
+    batch_idx, query_idx, target_idx = to_device(torch.stack([image, src, flat]), device)
     boxes = torch.cat([t["boxes"].reshape(-1, 4) for t in targets]).to(device)[target_idx]
     labels = torch.cat([t["labels"] for t in targets]).to(device)[target_idx]
     return batch_idx, query_idx, boxes.float(), labels

@@ -43,7 +43,7 @@ def generate_anchors(spatial_shapes: Sequence[tuple[int, int]], base_size: float
     for level, (h, w) in enumerate(spatial_shapes):
         ys, xs = torch.meshgrid(torch.arange(h, device=device, dtype=torch.float32),
                                 torch.arange(w, device=device, dtype=torch.float32), indexing="ij")
-        centres = (torch.stack([xs, ys], -1).reshape(-1, 2) + 0.5) / torch.tensor([w, h], device=device)
+        centres = torch.stack([(xs + 0.5) / w, (ys + 0.5) / h], -1).reshape(-1, 2)  # no host data: no copy
         sizes = torch.full_like(centres, base_size * 2.0 ** level)
         anchors.append(torch.cat([centres, sizes], -1))
     anchors = torch.cat(anchors)[None]

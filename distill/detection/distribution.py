@@ -17,12 +17,14 @@ import torch
 import torch.nn.functional as F
 
 from distill.detection.box_ops import xyxy_to_cxcywh
+from distill.engine.host_copy import device_constant
 
 DEFAULT_UP = 0.5  # D-FINE's fixed `up`: the outer bins reach ±2 · 0.5 · reg_scale
 
 
 def weighting_function(reg_max: int, up: float, reg_scale: float, dtype=torch.float32, device=None) -> torch.Tensor:
-    """W(n) for n = 0..reg_max, shape (reg_max + 1,)."""
+    """W(n) for n = 0..reg_max, shape (reg_max + 1,): a new host tensor, or with `device` the one shared copy
+    there (made once, without waiting for the device: the loss asks for it every step)."""
     if reg_max < 4 or reg_max % 2:
         raise ValueError(f"reg_max must be an even number of at least 4, got {reg_max}")
     inner_bound = abs(up) * abs(reg_scale)
@@ -31,7 +33,7 @@ def weighting_function(reg_max: int, up: float, reg_scale: float, dtype=torch.fl
     half = reg_max // 2
     right = [step ** i - 1 for i in range(1, half)]
     values = [-2 * inner_bound] + [-v for v in reversed(right)] + [0.0] + right + [2 * inner_bound]
-    return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype) if device is None else device_constant(values, device, dtype)
 
 
 def integral(corner_logits: torch.Tensor, project: torch.Tensor) -> torch.Tensor:

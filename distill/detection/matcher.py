@@ -1,8 +1,15 @@
 """One-to-one matching of predictions to targets (Hungarian, via scipy's linear_sum_assignment).
 
 Cost = 2 · focal-style class cost (alpha 0.25, gamma 2) + 5 · L1 on cxcywh boxes + 2 · (−GIoU).
+
+The assignment runs on the host, so the cost matrices must reach it: the one place where the training step
+waits for the device, once per batch for every set of predictions together. Under CUDA's sync debug mode
+(`torch.cuda.set_sync_debug_mode("error")`, a check that nothing else in the step waits) that transfer is let
+through.
 """
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -48,7 +55,9 @@ class HungarianMatcher(nn.Module):
             self.cost_matrix(o["pred_logits"].flatten(0, 1), o["pred_boxes"].flatten(0, 1), labels,
                              target_boxes).view(*o["pred_logits"].shape[:2], -1)
             for o in outputs
-        ]).cpu()  # (sets, batch, queries, all targets)
+        ])  # (sets, batch, queries, all targets)
+        with expected_wait(costs.device):
+            costs = costs.cpu()
         sizes = [len(t["labels"]) for t in targets]
         matched = []
         for cost in costs:
@@ -58,3 +67,17 @@ class HungarianMatcher(nn.Module):
                 indices.append((torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)))
             matched.append(indices)
         return matched
+
+
+@contextmanager
+def expected_wait(device: torch.device):
+    """Lets one intended host-device synchronisation through CUDA's sync debug mode, whatever it is set to."""
+    if device.type != "cuda":
+        yield
+        return
+    mode = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(0)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(mode)
