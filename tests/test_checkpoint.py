@@ -1,3 +1,6 @@
+import errno
+import os
+
 import pytest
 import torch
 
@@ -34,6 +37,38 @@ def test_resume_auto_takes_newest_readable(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-00000015.pt", "ckpt-00000020.pt"]
     with pytest.raises(FileNotFoundError):
         resolve_resume(str(tmp_path / "nope.pt"), tmp_path)
+
+
+@pytest.mark.parametrize("cut", [0.5, -10])  # torch.load: RuntimeError; within the zip directory: OSError EINVAL
+def test_resume_auto_skips_a_checkpoint_cut_short(tmp_path, cut):
+    atomic_save({"w": torch.ones(3)}, checkpoint_path(tmp_path, 5))
+    whole = checkpoint_path(tmp_path, 5).read_bytes()
+    checkpoint_path(tmp_path, 10).write_bytes(whole[:int(len(whole) * cut) if cut > 0 else cut])
+    assert resolve_resume("auto", tmp_path) == checkpoint_path(tmp_path, 5)
+
+
+def test_resume_auto_never_starts_afresh_over_unreadable_checkpoints_nor_goes_back_past_an_unsafe_one(tmp_path):
+    checkpoint_path(tmp_path, 5).write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointMismatch, match="none of the 1 checkpoints"):
+        resolve_resume("auto", tmp_path)
+    atomic_save({"step": 10, "f": print}, checkpoint_path(tmp_path, 10))  # whole, but would run code
+    with pytest.raises(CheckpointMismatch, match="refusing to load .*ckpt-00000010.pt"):
+        resolve_resume("auto", tmp_path)
+
+
+def test_resume_auto_stops_on_a_read_error_rather_than_go_back(tmp_path, monkeypatch):
+    """EIO, ESTALE or a timeout of a network file system says nothing of the file: going back to the one before
+    would lose the steps since, and the newer file would be picked again at the next start."""
+    for step in (5, 10):
+        atomic_save({"step": step}, checkpoint_path(tmp_path, step))
+
+    def failing_load(f, *args, **kwargs):
+        raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
+
+    monkeypatch.setattr(torch, "load", failing_load)
+    with pytest.raises(OSError, match="cannot read checkpoint .*ckpt-00000010.pt: Stale") as e:
+        resolve_resume("auto", tmp_path)
+    assert e.value.errno == errno.ESTALE
 
 
 def test_mismatch_names_keys():
