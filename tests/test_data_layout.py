@@ -24,10 +24,10 @@ def test_mixes_name_folders_that_the_writers_write():
 
 
 def test_readme_converts_into_the_folders_the_recipes_read():
-    readme = (ROOT / "README.md").read_text()
+    readme = "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
     root = load("recipes/mnv4_base.yaml")["data"]["root"]
-    outs = re.findall(r"python scripts/folder_to_shards\.py \S+ (\S+)", readme)
+    outs = re.findall(r"python scripts/folder_to_shards\.py /\S+ (/\S+)", readme)
     assert outs == [f"{root}/imagenet/train", f"{root}/imagenet/val"]
-    assert set(re.findall(r"recipe=mnv4_\w+ .*?data\.root=(\S+)", readme)) == {root}
+    assert set(re.findall(r"recipe=mnv4_\w+ .*?data\.root=([^\s`]+)", readme)) == {root}
     script = (ROOT / "scripts" / "folder_to_shards.py").read_text()
     assert re.findall(r"python scripts/folder_to_shards\.py \S+ (\S+)", script) == outs
