@@ -9,8 +9,10 @@ with their types, defaults and allowed values (`--help recipe=NAME [key=value ..
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import functools
+import importlib.util
 import inspect
 import io
 import os
@@ -35,14 +37,20 @@ from distill.config import (
     recipe_path,
     schema_keys,
 )
-from distill.data.coco import CocoFormatError
-from distill.data.mix import MixError
 from distill.detection.recipe import DET_CHOICES, DET_RANGES, DetConfig, load_det_config
-from distill.engine.checkpoint import CheckpointMismatch
-from distill.engine.distributed import LaunchError
-from distill.engine.preemption import EXIT_REQUEUE, STOP, CollectiveTimeout, Preempted
-from distill.errors import ConfigError, MissingExtra, require
-from distill.errors import NonFiniteLoss
+from distill.errors import (
+    EXIT_REQUEUE,
+    CheckpointMismatch,
+    CocoFormatError,
+    CollectiveTimeout,
+    ConfigError,
+    LaunchError,
+    MissingExtra,
+    MixError,
+    NonFiniteLoss,
+    Preempted,
+    require,
+)
 from distill.passes.recipe import (
     CURATE_CHOICES,
     CURATE_RANGES,
@@ -68,6 +76,7 @@ class EntryPoint:
     kind: str  # "a pretraining": what its recipes are called
     schema: type
     load: Callable[[Sequence[str]], Any]
+    check: Callable[[Sequence[str]], Any]  # `load` less what needs torch: the arguments' first look
     choices: Mapping[str, Sequence[Any]] = field(default_factory=dict)
     ranges: Mapping[str, Range] = field(default_factory=dict)
 
@@ -80,13 +89,13 @@ ENTRY_POINTS = {
     e.module: e
     for e in (
         EntryPoint("distill.pretrain", "distill-pretrain", "a pretraining", PretrainConfig, load_pretrain_config,
-                   PRETRAIN_CHOICES, PRETRAIN_RANGES),
+                   functools.partial(load_pretrain_config, trackers=False), PRETRAIN_CHOICES, PRETRAIN_RANGES),
         EntryPoint("distill.finetune_det", "distill-finetune", "a detection", DetConfig, load_det_config,
-                   DET_CHOICES, DET_RANGES),
+                   functools.partial(load_det_config, trackers=False), DET_CHOICES, DET_RANGES),
         EntryPoint("distill.curate", "distill-curate", "a curation", CurateConfig, load_curate_config,
-                   CURATE_CHOICES, CURATE_RANGES),
+                   load_curate_config, CURATE_CHOICES, CURATE_RANGES),
         EntryPoint("distill.label_views", "distill-label", "an offline-labelling", LabelConfig, load_label_config,
-                   LABEL_CHOICES, LABEL_RANGES),
+                   load_label_config, LABEL_CHOICES, LABEL_RANGES),
     )
 }
 
@@ -103,7 +112,8 @@ def user_errors():
     except (*USER_ERRORS, CollectiveTimeout) as e:
         if os.environ.get(DEBUG_ENV):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        sys.stderr.write(f"error: {e}\n")  # one write: processes sharing a log do not interleave within it
+        sys.stderr.flush()
         raise SystemExit(1 if isinstance(e, CollectiveTimeout) else 2) from None
 
 
@@ -117,20 +127,47 @@ def command(module: str, requires: Optional[Mapping[str, tuple[str, str]]] = Non
         def wrapper(argv=None, *args, **kwargs):
             argv = list(sys.argv[1:] if argv is None else argv)
             with user_errors():
-                if any(a in HELP for a in argv):
-                    print(help_text(entry, [a for a in argv if a not in HELP], sys.modules[main.__module__].__doc__))
-                    raise SystemExit(0)
+                answer_help(entry, argv, sys.modules[main.__module__].__doc__)
                 check_recipe_belongs(entry, argv)
                 for name, (extra, needed_for) in (requires or {}).items():
                     require(name, extra, needed_for)
                 try:
                     return main(argv, *args, **kwargs)
                 finally:
+                    from distill.engine.preemption import STOP  # loaded with the entry point: no cost here
+
                     STOP.uninstall()
 
         return wrapper
 
     return decorate
+
+
+def check_arguments(module: str, argv: Optional[Sequence[str]] = None) -> None:
+    """`--help`, and a mistake in the arguments (`error: ...`, exit status 2), answered before the entry point
+    loads torch and its training code: an entry module calls this above its heavy imports when run as a
+    script, the console scripts before they import the module. Valid arguments return, to be read again by
+    `main` (reading a recipe takes milliseconds), which also checks that the trackers named are installed."""
+    entry = ENTRY_POINTS[module]
+    argv = list(sys.argv[1:] if argv is None else argv)
+    with user_errors():
+        answer_help(entry, argv, module_doc(module))
+        check_recipe_belongs(entry, argv)
+        entry.check(argv)
+
+
+def answer_help(entry: EntryPoint, argv: Sequence[str], doc: Optional[str]) -> None:
+    if any(a in HELP for a in argv):
+        print(help_text(entry, [a for a in argv if a not in HELP], doc))
+        raise SystemExit(0)
+
+
+def module_doc(module: str) -> Optional[str]:
+    """A module's docstring, read from its source without importing it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return None
+    return ast.get_docstring(ast.parse(Path(spec.origin).read_text()), clean=False)
 
 
 def check_recipe_belongs(entry: EntryPoint, argv: Sequence[str]) -> None:
@@ -153,9 +190,9 @@ def check_recipe_belongs(entry: EntryPoint, argv: Sequence[str]) -> None:
 
 def help_text(entry: EntryPoint, argv: Sequence[str], doc: Optional[str] = None) -> str:
     """Usage, what the entry point does, its recipes and its keys; with `recipe=NAME`, the resolved values."""
-    cfg = entry.load(argv) if argv else None
+    cfg = entry.check(argv) if argv else None
     summary = (doc or "").strip().split("\n\n")[0]
-    recipes = recipe_names(RECIPE_DIR, entry.schema)
+    recipes = recipe_names(RECIPE_DIR, entry.schema, values=False)
     out = [
         f"usage: accelerate launch {entry.script} recipe=NAME [key=value ...]",
         f"       {entry.command} recipe=NAME [key=value ...]     (installed; or accelerate launch -m {entry.module})",
@@ -174,6 +211,14 @@ def help_text(entry: EntryPoint, argv: Sequence[str], doc: Optional[str] = None)
         out.append("keys (type, default, allowed values; --help recipe=NAME shows a recipe's values):")
     else:
         out.append(f"keys of recipe {cfg.recipe} (type, value, allowed values; * differs from the default):")
+    out += _columns(key_rows(entry, cfg))
+    out += ["", f"A mistake prints one line (`error: ...`, exit status 2); {DEBUG_ENV}=1 shows its traceback."]
+    return "\n".join(out)
+
+
+def key_rows(entry: EntryPoint, cfg: Any = None) -> list[tuple[str, str, str, str, str]]:
+    """(key, type, value, allowed values, comment) of every key of an entry point: the defaults, or a resolved
+    configuration's values with `*` before the keys that differ. `--help` and docs/reference.md both show these."""
     rows = []
     comments = {}
     for key in schema_keys(entry.schema):
@@ -189,9 +234,7 @@ def help_text(entry: EntryPoint, argv: Sequence[str], doc: Optional[str] = None)
             value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
             marker = "*" if value != key.default else ""
         rows.append((f"{marker}{key.key}", _type(key.type), _value(value), _allowed(key.key, entry), note))
-    out += _columns(rows)
-    out += ["", f"A mistake prints one line (`error: ...`, exit status 2); {DEBUG_ENV}=1 shows its traceback."]
-    return "\n".join(out)
+    return rows
 
 
 def _allowed(key: str, entry: EntryPoint) -> str:

@@ -6,8 +6,12 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
+from distill.cli import ENTRY_POINTS, check_arguments
+
 
 def _run(module: str) -> int:
+    if module in ENTRY_POINTS:
+        check_arguments(module)  # before the import: --help and mistakes need neither torch nor the training code
     result = importlib.import_module(module).main()
     return result if isinstance(result, int) else 0  # a summary dict is the run's result, not an exit status
 

@@ -21,6 +21,11 @@ import shutil
 import sys
 from pathlib import Path
 
+if __name__ == "__main__":  # --help and argument mistakes are answered before the imports below
+    from distill.cli import check_arguments
+
+    check_arguments("distill.curate")
+
 from accelerate.utils import gather_object
 from omegaconf import OmegaConf
 
@@ -33,6 +38,7 @@ from distill.engine.distributed import start_processes
 from distill.engine.logging import make_accelerator
 from distill.engine.preemption import STOP, Preempted, stop_agreed
 from distill.engine.progress import banner
+from distill.engine.threads import set_threads
 from distill.plan import print_plan
 from distill.passes import curation_state as state
 from distill.passes.curation_report import write_report
@@ -59,6 +65,7 @@ def main(argv=None, scorer=None) -> dict:
         return print_plan(plan, describe_curation(plan))
     out = Path(cfg.output_dir)
     start_processes(cfg.cluster.timeout_s)
+    set_threads(cfg.num_workers)  # after Accelerate's process state, which may set its own
     STOP.install(cfg.cluster.stop_signals)
     accelerator = make_accelerator(cfg.precision, 1, out, trackers=[])
     rank, world = accelerator.process_index, accelerator.num_processes

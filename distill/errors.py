@@ -1,5 +1,6 @@
 """Mistakes a user can fix: the entry points print them as one line (`error: ...`, exit status 2), never as a
-traceback. The lowest module of the package: anything may raise these."""
+traceback. The lowest module of the package: anything may raise these, and the command line catches them
+without importing the modules that raise them (torch's)."""
 from __future__ import annotations
 
 import importlib
@@ -16,6 +17,36 @@ class NonFiniteLoss(RuntimeError):
 
 class MissingExtra(ImportError):
     """An optional dependency that one feature needs is not installed."""
+
+
+class MixError(ValueError):
+    """A data mix file that does not describe a valid mix; the message names the file and key."""
+
+
+class CocoFormatError(ValueError):
+    """An instances JSON that does not follow the COCO format."""
+
+
+class CheckpointMismatch(ValueError):
+    """A state dict that does not fit the model it is loaded into, or a file that is not a safe checkpoint."""
+
+
+class LaunchError(RuntimeError):
+    """The processes do not form the run they were launched as."""
+
+
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped early with a checkpoint, run it again with resume=auto
+
+
+class Preempted(Exception):
+    """Raised on every process once the run is checkpointed at the agreed stop; exits with EXIT_REQUEUE."""
+
+    def __init__(self, where: str, then: str = "its checkpoint is written: continue with resume=auto"):
+        super().__init__(f"stopped on a signal {where}; {then}")
+
+
+class CollectiveTimeout(RuntimeError):
+    """A collective with the other processes did not complete within the recipe's timeout."""
 
 
 def require(module: str, extra: str, needed_for: str) -> ModuleType:

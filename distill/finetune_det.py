@@ -7,7 +7,9 @@ RT-DETRv2's recipe: AdamW with a slower backbone, linear warm-up, gradient clipp
 augmentation and multi-scale inputs switched off for the last epochs. DEIM's training, where a recipe turns
 it on: Mosaic and batch MixUp in given epochs, the strong augmentations from a later epoch, and the
 flat-then-cosine LR schedule (`optim.schedule=flat_cosine`). The run folder holds config.yaml,
-metrics.jsonl, checkpoints, predictions.json, predictions.png and summary.json (AP of the EMA weights).
+metrics.jsonl, checkpoints (last.pt: the newest; best.pt: the weights of the evaluation with the highest AP),
+predictions.json, predictions.png, summary.json (AP of the EMA weights, per class too), curves.png and
+pr_curves.png.
 """
 from __future__ import annotations
 
@@ -21,6 +23,11 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
+
+if __name__ == "__main__":  # --help and argument mistakes are answered before the imports below
+    from distill.cli import check_arguments
+
+    check_arguments("distill.finetune_det")
 
 import torch
 from omegaconf import OmegaConf
@@ -39,13 +46,15 @@ from distill.data.coco import (
     to_model_input,
 )
 from distill.data.det_augment import MosaicSettings
+from distill.data.det_layouts import prepare_detection_data
 from distill.data.synthetic_coco import ensure_det_demo
 from distill.detection.criterion import RTDETRCriterion
 from distill.detection.ema import RTDETREma
 from distill.detection.evaluate import evaluate_detector, predict
 from distill.detection.feature_distill import DetFeatureDistill, build_feature_distill
 from distill.detection.postprocess import PostProcessor
-from distill.detection.recipe import check_epochs, epoch_window, load_det_config
+from distill.detection.recipe import check_epochs, check_mixup_batch, epoch_window, load_det_config
+from distill.detection.report import class_table, write_plots
 from distill.detection.rtdetr import RTDETRConfig, build_criterion, build_rtdetr
 from distill.detection.run import CATEGORIES_FILE
 from distill.detection.sync_bn import to_sync_batchnorm
@@ -56,26 +65,29 @@ from distill.engine.checkpoint import (
     checkpoint_path,
     load_checkpoint,
     load_state_strict,
-    resolve_resume,
 )
-from distill.engine.distributed import match_gradient_buckets, share_buffers, start_processes
+from distill.engine.distributed import broadcast_from_main, match_gradient_buckets, share_buffers, start_processes
 from distill.engine.guards import UpdateGuard, weight_checksums
 from distill.engine.run_dir import choose_run_dir
-from distill.engine.logging import make_accelerator, start_trackers
+from distill.engine.logging import make_accelerator, process_means, start_trackers
 from distill.engine.optim import build_optimizer, flat_cosine, warmup_cosine
 from distill.engine.preemption import STOP, StopAgreement, stop_here, timeouts_named
 from distill.engine.progress import ProgressBar, banner
+from distill.engine.resume import choose_resume, load_everywhere
 from distill.engine.rng import capture_rng, restore_rng, seed_everything, seed_process
+from distill.engine.threads import set_threads
 
 logger = logging.getLogger("distill")
 
 GENERATORS = {"det_demo": ensure_det_demo}
+BEST_FILE, LAST_FILE = "best.pt", "last.pt"
 
 
 @command("distill.finetune_det")
 def main(argv=None) -> dict:
     cfg = load_det_config(sys.argv[1:] if argv is None else argv)
     start_processes(cfg.cluster.timeout_s)
+    set_threads(cfg.data.num_workers)  # after Accelerate's process state, which may set its own
     STOP.install(cfg.cluster.stop_signals)
     out = choose_run_dir(cfg.output_dir, Path("runs") / Path(cfg.recipe).stem, cfg.resume, cfg.overwrite)
     cfg.output_dir = str(out)
@@ -89,13 +101,21 @@ def main(argv=None) -> dict:
 
     # ---- build ------------------------------------------------------------------------------------
     root = Path(cfg.data.root)
-    train_set = CocoDetection(root / cfg.data.train_images, root / cfg.data.train_ann, True, cfg.data.img_size,
+    data = prepare_detection_data(cfg.data, out, accelerator.is_main_process)  # any layout, as COCO files
+    train_set = CocoDetection(data.train.image_dir, data.train.ann_file, True, cfg.data.img_size,
                               mosaic=mosaic_settings(cfg.data))
-    val_set = CocoDetection(root / cfg.data.val_images, root / cfg.data.val_ann, False, cfg.data.img_size,
+    val_set = CocoDetection(data.val.image_dir, data.val.ann_file, False, cfg.data.img_size,
                             categories=train_set.categories)  # one label mapping: the training set's
     plan = plan_steps(cfg, len(train_set), world)
+    resume_from = choose_resume(cfg.resume, out)  # the main process's choice, the same on every process
+    if not resume_from:  # a resumed run is checked once its step is known, below
+        check_mixup_batch(cfg, world, plan.mixup)
     if cfg.model.num_classes is None:
         cfg.model.num_classes = train_set.num_classes
+    elif cfg.model.num_classes != train_set.num_classes:
+        raise ConfigError(f"model.num_classes={cfg.model.num_classes} but the training data has "
+                          f"{train_set.num_classes} classes ({', '.join(train_set.class_names[:10])}"
+                          f"{', ...' if train_set.num_classes > 10 else ''}); leave it unset")
     if accelerator.is_main_process:
         save_config(cfg, out / "config.yaml")
         atomic_write_text(out / CATEGORIES_FILE, json.dumps(train_set.categories, indent=1))
@@ -117,10 +137,15 @@ def main(argv=None) -> dict:
     ema.to(device)
 
     progress, rng_state = Progress(), None
-    resume_from = resolve_resume(cfg.resume, out)
     if resume_from:
-        progress, rng_state = load_det_checkpoint(resume_from, accelerator, model, ema, optimizer, scheduler,
-                                                  plan.total_steps, feature_distill)
+        progress, rng_state = load_everywhere(
+            resume_from, lambda: load_det_checkpoint(resume_from, accelerator, model, ema, optimizer, scheduler,
+                                                     plan.total_steps, feature_distill),
+            step=lambda loaded: loaded[0].step)
+        check_mixup_batch(cfg, world, plan.mixup, progress.step)
+        best_ap, best_step = stored_best(out, accelerator)
+        if best_ap > progress.best_ap:
+            progress.best_ap, progress.best_step = best_ap, best_step
     accum = cfg.optim.grad_accum
     guard = UpdateGuard(accelerator, optimizer, cfg.train.max_bad_steps, progress.bad_steps, progress.bad_in_row)
     sampler = DetectionBatchSampler(
@@ -152,10 +177,10 @@ def main(argv=None) -> dict:
     else:
         seed_process(cfg.train.seed, rank)  # dropout and denoising noise of this process's own
 
-    def checkpoint():
+    def checkpoint(best=()):
         progress.bad_steps, progress.bad_in_row = guard.check(progress.step)
         save_det_checkpoint(out, accelerator, model, ema, optimizer, scheduler, progress, plan.total_steps, cfg,
-                            writer, feature_distill)
+                            writer, feature_distill, best)
         return progress.step
 
     # ---- loop -------------------------------------------------------------------------------------
@@ -174,20 +199,25 @@ def main(argv=None) -> dict:
 
             if progress.step % cfg.train.log_every == 0 or progress.step == plan.total_steps:
                 progress.bad_steps, progress.bad_in_row = guard.check(progress.step)
-                metrics = {k: accelerator.reduce(v.detach().float(), reduction="mean").item()
-                           for k, v in losses.items()}
+                metrics = process_means(accelerator, losses)
                 metrics |= {"loss": sum(metrics.values()), "lr": scheduler.get_last_lr()[-1],
                             "backbone_lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                             "epoch": progress.step / plan.steps_per_epoch, "input_size": side,
                             "skipped_images": total_skipped(accelerator, progress)}
                 accelerator.log(metrics, step=progress.step)
                 bar.log(loss=metrics["loss"], lr=metrics["lr"])
-            if progress.step % cfg.train.ckpt_every == 0 or progress.step == plan.total_steps:
-                saved_at = checkpoint()
+            # evaluated before the checkpoint of the same step, which then holds the best AP so far; best.pt goes
+            # to the writer in the checkpoint's job (the training thread never waits for one before the other)
+            best = []
             if cfg.train.eval_every and progress.step % cfg.train.eval_every == 0 and progress.step < plan.total_steps:
-                accelerator.log(evaluate(cfg, accelerator, model, ema, val_set, postprocess, mean, std),
-                                step=progress.step)
+                scores = evaluate(cfg, accelerator, model, ema, val_set, postprocess, mean, std)
+                accelerator.log(scores, step=progress.step)
+                best = keep_best(out, accelerator, model, ema, progress, scores, cfg)
                 model.train()
+            if progress.step % cfg.train.ckpt_every == 0 or progress.step == plan.total_steps:
+                saved_at = checkpoint(best)
+            else:
+                write_alone(writer, best)
             if stop.agreed(progress.step):  # a stop signal reached some process: all stop at this step
                 if saved_at != progress.step:
                     saved_at = checkpoint()
@@ -198,7 +228,10 @@ def main(argv=None) -> dict:
 
         # ---- evaluate and summarise ---------------------------------------------------------------
         checksums = weight_checksums(accelerator, model)
-        metrics = evaluate(cfg, accelerator, model, ema, val_set, postprocess, mean, std, out / "predictions.json")
+        metrics = evaluate(cfg, accelerator, model, ema, val_set, postprocess, mean, std, out / "predictions.json",
+                           by_class=True)
+        write_alone(writer, keep_best(out, accelerator, model, ema, progress, metrics, cfg))
+    per_class, pr50 = metrics.pop("per_class", None), metrics.pop("pr50", None)  # the main process's alone
     accelerator.log(metrics, step=progress.step)
     skipped = total_skipped(accelerator, progress)
     from accelerate.utils import gather_object
@@ -210,6 +243,8 @@ def main(argv=None) -> dict:
         "evaluated": "ema" if cfg.eval.use_ema else "model",
         **{k: metrics[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")},
         "metrics": metrics,
+        "best": {"AP": progress.best_ap, "step": progress.best_step},
+        "per_class": per_class,
         "steps": progress.step,
         "epochs": progress.step / plan.steps_per_epoch,
         "params": sum(p.numel() for p in accelerator.unwrap_model(model).parameters()),
@@ -226,6 +261,9 @@ def main(argv=None) -> dict:
             draw_predictions(cfg, accelerator, ema.module if cfg.eval.use_ema else model, val_set, postprocess,
                              mean, std, out / "predictions.png")
         logger.info("summary: %s", json.dumps({k: summary[k] for k in ("steps", "AP", "AP50", "AP75", "wall_time_s")}))
+        if per_class:
+            logger.info("AP per class:\n%s", class_table(per_class))
+        write_plots(out, per_class, pr50)
     writer.wait()  # the last checkpoint, written while the run was evaluated
     accelerator.end_training()
     return summary
@@ -409,7 +447,8 @@ def fp32(outputs):
     return outputs
 
 
-def evaluate(cfg, accelerator, model, ema, val_set, postprocess, mean, std, out_json=None) -> dict:
+def evaluate(cfg, accelerator, model, ema, val_set, postprocess, mean, std, out_json=None,
+             by_class=False) -> dict:
     """COCO AP over the validation images, split over the processes; the bare model runs (no collective in
     its forward), with process 0's batch-norm statistics on every process (see `share_buffers`)."""
     net = ema.module if cfg.eval.use_ema else accelerator.unwrap_model(model)
@@ -417,7 +456,7 @@ def evaluate(cfg, accelerator, model, ema, val_set, postprocess, mean, std, out_
     loader = build_eval_loader(val_set, cfg.data.val_batch_size, cfg.data.num_workers,
                                accelerator.process_index, accelerator.num_processes)
     return evaluate_detector(net, loader, postprocess, mean, std, val_set.category_ids, val_set.ann_file,
-                             accelerator, out_json)
+                             accelerator, out_json, by_class)
 
 
 def draw_predictions(cfg, accelerator, model, val_set, postprocess, mean, std, path: Path) -> None:
@@ -443,6 +482,8 @@ class Progress:
     skipped_files: list[str] = field(default_factory=list)  # their names (the first 100)
     bad_steps: int = 0
     bad_in_row: int = 0
+    best_ap: float = -1.0  # the highest COCO AP of the run's evaluations so far (best.pt), and its step
+    best_step: int = 0
 
     def note_skipped(self, names: list[str]) -> None:
         self.skipped_images += len(names)
@@ -456,9 +497,10 @@ def total_skipped(accelerator, progress: Progress) -> int:
 
 def save_det_checkpoint(folder: Path, accelerator, model, ema, optimizer, scheduler, progress: Progress,
                         total_steps: int, cfg, writer: CheckpointWriter,
-                        feature_distill: Optional[DetFeatureDistill] = None) -> None:
+                        feature_distill: Optional[DetFeatureDistill] = None, best: list = ()) -> None:
     """All processes call this; the main one hands the checkpoint to `writer` (nobody waits for the disk).
-    Every process's RNG state and progress go in; feature distillation's head and weight beside the model's."""
+    Every process's RNG state and progress go in; feature distillation's head and weight beside the model's.
+    `best`: best.pt of the same step (`keep_best`), written by the same job."""
     from accelerate.utils import gather_object
 
     rng = gather_object([capture_rng()])
@@ -476,7 +518,49 @@ def save_det_checkpoint(folder: Path, accelerator, model, ema, optimizer, schedu
             "rng": rng,
             "config": OmegaConf.to_container(cfg, resolve=True),
         }
-        writer.submit(state, checkpoint_path(folder, progress.step), cfg.train.keep_ckpts)
+        writer.submit(state, checkpoint_path(folder, progress.step), cfg.train.keep_ckpts, also_as=folder / LAST_FILE,
+                      before=best)
+
+
+def keep_best(folder: Path, accelerator, model, ema, progress: Progress, metrics: dict, cfg) -> list[tuple[dict, Path]]:
+    """best.pt: the weights of the evaluation with the highest COCO AP so far (the first of equals), for
+    distill.predict, distill.export and model.init_from; never pruned, and not a resume point (no optimizer).
+    Every process holds the same metrics and so decides alike; the main one gets [(state, path)] to write
+    (with the checkpoint of the same step, or `write_alone`), the others []."""
+    if metrics["AP"] <= progress.best_ap:
+        return []
+    progress.best_ap, progress.best_step = metrics["AP"], progress.step
+    if not accelerator.is_main_process:
+        return []
+    state = {
+        "model": accelerator.unwrap_model(model).state_dict(),
+        "ema": ema.module.state_dict(),
+        "step": progress.step,
+        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    logger.info("best AP %.4f at step %d: %s", progress.best_ap, progress.step, folder / BEST_FILE)
+    return [(state, folder / BEST_FILE)]
+
+
+def write_alone(writer: CheckpointWriter, best: list[tuple[dict, Path]]) -> None:
+    for state, path in best:
+        writer.submit(state, path, keep=0)
+
+
+def stored_best(folder: Path, accelerator) -> tuple[float, int]:
+    """(AP, step) of the run's best.pt, on every process ((-1, 0) without one). An evaluation after the
+    checkpoint a run resumes from may have written a better best.pt than that checkpoint records; the
+    resumed run must not replace it with a worse one. Memory-mapped: the weights are not read."""
+    found = (-1.0, 0)
+    path = Path(folder) / BEST_FILE
+    if accelerator.is_main_process and path.is_file():
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            found = (float(state["metrics"]["AP"]), int(state["step"]))
+        except Exception as e:  # an unreadable best.pt is replaced by the next evaluation
+            logger.warning("%s not read (%s: %s); the next evaluation replaces it", path, type(e).__name__, e)
+    return broadcast_from_main(found)
 
 
 def load_det_checkpoint(path: Path, accelerator, model, ema, optimizer, scheduler, total_steps: int,
@@ -501,7 +585,6 @@ def load_det_checkpoint(path: Path, accelerator, model, ema, optimizer, schedule
     rank = accelerator.process_index
     rng = state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0]
     mine = state["progress"][rank] if rank < len(state["progress"]) else state["progress"][0]
-    logger.info("resumed from %s at step %d", path, mine["step"])
     return Progress(**mine), rng
 
 

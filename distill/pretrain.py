@@ -15,6 +15,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+if __name__ == "__main__":  # --help and argument mistakes are answered before the imports below
+    from distill.cli import check_arguments
+
+    check_arguments("distill.pretrain")
+
 import numpy as np
 import torch
 
@@ -26,19 +31,21 @@ from distill.data.loader import build_eval_loader, build_train_loader
 from distill.data.mix import DataMix
 from distill.data.mixup import mixup_batch
 from distill.data.synthetic import ensure_demo_dataset
-from distill.engine.checkpoint import CheckpointWriter, atomic_write_text, resolve_resume
+from distill.engine.checkpoint import CheckpointWriter, atomic_write_text
 from distill.engine.distributed import end_processes, match_gradient_buckets, share_buffers, start_processes
 from distill.engine.evaluate import evaluate_topk
 from distill.engine.guards import UpdateGuard, weight_checksums
-from distill.engine.logging import finish_trackers, logged_trend, make_accelerator, start_trackers
+from distill.engine.logging import finish_trackers, logged_trend, make_accelerator, process_means, start_trackers
 from distill.engine.optim import build_optimizer, warmup_cosine
 from distill.engine.preemption import STOP, Preempted, StopAgreement, stop_agreed, stop_here, timeouts_named
 from distill.engine.ema import build_ema
 from distill.plan import check_stored_views, describe_run, epoch_steps, plan_run, plan_steps, print_plan
 from distill.engine.progress import ProgressBar, banner, describe_mix
+from distill.engine.resume import choose_resume, load_everywhere
 from distill.engine.rng import restore_rng, seed_everything, seed_process
 from distill.engine.run_dir import choose_run_dir
 from distill.engine.speed import auto_on_gpu
+from distill.engine.threads import set_threads
 from distill.engine.state import ProcessState, Progress, load_pretrain_checkpoint, save_pretrain_checkpoint
 from distill.feature_objective import build_feature_objective, check_feature_config
 from distill.losses import distillation_loss, soften, stored_targets
@@ -57,6 +64,7 @@ def main(argv=None) -> dict:
         return print_plan(plan, describe_run(plan))
     cfg.student.channels_last = auto_on_gpu(cfg.student.channels_last)
     start_processes(cfg.cluster.timeout_s)
+    set_threads(cfg.data.num_workers)  # after Accelerate's process state, which may set its own
     STOP.install(cfg.cluster.stop_signals)
     writer = CheckpointWriter()  # the launch's: its runs go on while their checkpoints are written
     summary = train(cfg, writer)
@@ -117,10 +125,11 @@ def train(cfg, writer: CheckpointWriter) -> dict:
 
     loader_shape = [world, cfg.data.num_workers]
     progress, mine = Progress(), ProcessState([0] * len(mix.source_names), loader_shape=loader_shape)
-    resume_from = resolve_resume(cfg.resume, out)
+    resume_from = choose_resume(cfg.resume, out)  # the main process's choice, the same on every process
     if resume_from:
-        progress, mine = load_pretrain_checkpoint(resume_from, accelerator, student, ema, optimizer, scheduler,
-                                                  loader_shape)
+        progress, mine = load_everywhere(
+            resume_from, lambda: load_pretrain_checkpoint(resume_from, accelerator, student, ema, optimizer,
+                                                          scheduler, loader_shape), step=lambda loaded: loaded[0].step)
         mine.loader_shape = loader_shape
         match_gradient_buckets(student, lambda: features.example_outputs(student, example_batch(cfg, device))
                                if features else student(example_batch(cfg, device)))
@@ -305,7 +314,7 @@ def summed(accelerator, values: list[int]) -> list[int]:
 
 def log_metrics(accelerator, mix, terms, grad_norm, scheduler, mine: ProcessState, progress: Progress,
                 at: float) -> dict:
-    metrics = {k: accelerator.reduce(v.detach().float(), reduction="mean").item() for k, v in terms.items()}
+    metrics = process_means(accelerator, terms)
     counts = summed(accelerator, mine.source_counts + [mine.skipped_samples])
     drawn, weights = counts[:-1], mix.weights_at(at)
     for i, name in enumerate(mix.source_names):

@@ -37,13 +37,8 @@ from multiprocessing import Pool
 from pathlib import Path
 from typing import Optional
 
-import cv2
-import numpy as np
-import webdataset as wds
-from PIL import Image
-from tqdm import tqdm
-
-from distill.data.shards import MANIFEST, encode_jpeg
+# cv2, numpy, PIL, webdataset and the package's shard code are imported where they are used: --help and a
+# wrong option answer without loading them
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
 PROGRESS = ".progress"
@@ -136,6 +131,10 @@ def read_labels(src: Path, labels_file: Path, classes: Optional[list[str]]) -> t
 
 def _decode(data: bytes) -> Optional[np.ndarray]:
     """HWC uint8 RGB, or None. OpenCV first (fast); PIL for what OpenCV does not read (GIF, palettes)."""
+    import cv2
+    import numpy as np
+    from PIL import Image
+
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if image is not None:
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
@@ -154,6 +153,10 @@ class ShardWriter:
         self.resize_short, self.quality = resize_short, quality
 
     def load(self, path: Path) -> tuple[Optional[bytes], Optional[str]]:
+        import cv2
+
+        from distill.data.shards import encode_jpeg
+
         try:
             data = path.read_bytes()
         except OSError as exc:
@@ -171,6 +174,8 @@ class ShardWriter:
         return encode_jpeg(image, self.quality), None
 
     def __call__(self, job: tuple[int, list[tuple[Path, int]]]) -> dict:
+        import webdataset as wds
+
         index, items = job
         name = f"{self.prefix}-{index:06d}.tar"
         tmp = self.out / PROGRESS / (name + ".tmp")
@@ -210,6 +215,11 @@ def convert(src: Path, out: Path, maxcount: int = 1000, resize_short: Optional[i
             prefix: str = "shard", seed: int = 0, workers: Optional[int] = None, labels: Optional[Path] = None,
             classes_file: Optional[Path] = None, progress: bool = True) -> dict:
     """Write the shards and manifest of `src` into `out` (continuing an interrupted run); the manifest."""
+    import numpy as np
+    from tqdm import tqdm
+
+    from distill.data.shards import MANIFEST
+
     given = read_class_names(classes_file) if classes_file else None
     if labels is not None:
         classes, items = read_labels(src, labels, given)
@@ -315,6 +325,8 @@ def main(argv=None) -> int:
         parser.error("--maxcount must be >= 1")
     if args.workers is not None and args.workers < 0:
         parser.error("--workers must be >= 0")
+    from distill.data.shards import MANIFEST
+
     try:
         m = convert(args.src, args.out, args.maxcount, args.resize_short, args.quality, args.prefix, args.seed,
                     args.workers, args.labels, args.classes)

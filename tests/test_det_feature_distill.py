@@ -4,14 +4,17 @@ exactly; bad settings fail in one line."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from launches import finish, torchrun
 
 from distill.data.synthetic_coco import generate_coco_shapes
 from distill.detection.feature_distill import adapted_weight, build_feature_distill
+from distill.engine.checkpoint import load_checkpoint
 from distill.detection.recipe import load_det_config
 from distill.errors import ConfigError
 
@@ -28,6 +31,7 @@ train: {steps: 4, ckpt_every: 2, keep_ckpts: 5, log_every: 1, ema_decay: 0.9, em
 eval: {visualize: 0, num_top: 20}
 """
 TEACHER = ["distill.teacher=test_resnet", "distill.teacher_pretrained=false", "distill.teacher_img_size=64"]
+FINETUNE = str(Path(__file__).resolve().parent.parent / "distill" / "finetune_det.py")
 
 
 @pytest.fixture(autouse=True)
@@ -151,13 +155,42 @@ def test_encoder_level_selects_an_output_stride(world):
 
 
 def test_adaptive_weight_moves_the_share_into_its_band():
-    assert adapted_weight(5.0, 11.5, 11.0, 1.0) == 5.0  # inside the band
+    free = math.inf  # no ceiling
+    assert adapted_weight(5.0, 11.5, 11.0, 1.0, free) == 5.0  # inside the band
     # below the band, towards its upper edge: odds(12%) / odds(5%) = (0.12 * 0.95) / (0.05 * 0.88)
-    assert adapted_weight(5.0, 5.0, 11.0, 1.0) == pytest.approx(5.0 * 0.12 * 0.95 / (0.05 * 0.88))
+    assert adapted_weight(5.0, 5.0, 11.0, 1.0, free) == pytest.approx(5.0 * 0.12 * 0.95 / (0.05 * 0.88))
     # above it, towards its lower edge: odds(10%) / odds(50%)
-    assert adapted_weight(5.0, 50.0, 11.0, 1.0) == pytest.approx(5.0 * 0.10 * 0.5 / (0.5 * 0.90))
-    assert adapted_weight(5.0, 0.01, 11.0, 1.0) == pytest.approx(50.0)  # at most ten times
-    assert adapted_weight(5.0, 99.99, 2.0, 0.1) == pytest.approx(0.5)  # at least a tenth
+    assert adapted_weight(5.0, 50.0, 11.0, 1.0, free) == pytest.approx(5.0 * 0.10 * 0.5 / (0.5 * 0.90))
+    assert adapted_weight(5.0, 0.01, 11.0, 1.0, free) == pytest.approx(50.0)  # at most ten times
+    assert adapted_weight(5.0, 99.99, 2.0, 0.1, free) == pytest.approx(0.5)  # at least a tenth
+
+
+def test_adaptive_weight_never_passes_its_ceiling():
+    raised = 5.0 * 0.12 * 0.95 / (0.05 * 0.88)  # 12.95: below the ceiling, the update as without one
+    assert adapted_weight(5.0, 5.0, 11.0, 1.0, 20.0) == pytest.approx(raised)
+    assert adapted_weight(5.0, 0.01, 11.0, 1.0, 20.0) == 20.0  # ten times would be 50
+    assert adapted_weight(20.0, 0.01, 11.0, 1.0, 20.0) == 20.0  # held there, epoch after epoch
+    assert adapted_weight(20.0, 50.0, 11.0, 1.0, 20.0) == pytest.approx(20.0 * 0.10 * 0.5 / (0.5 * 0.90))
+    # a weight above the ceiling (a checkpoint of a run with a higher one) comes down to it, in the band too
+    assert adapted_weight(30.0, 11.5, 11.0, 1.0, 20.0) == 20.0
+    assert adapted_weight(30.0, 99.99, 2.0, 0.1, 20.0) == 3.0  # a tenth of it, below the ceiling already
+
+
+def test_the_share_rises_towards_all_of_it_as_the_weight_grows(world):
+    """The share is taken against the decoder, which the distillation gradient never reaches: a large enough
+    weight gives the attention nearly all of it, so a band is always within reach of some weight (against the
+    whole model's gradient, backbone and head included, it levelled off at a few percent)."""
+    from distill.finetune_det import detection_step
+
+    shares = {}
+    for weight in (1e-3, 5.0, 1e4):
+        cfg = config(world, *TEACHER, f"distill.weight={weight}", f"distill.final_weight={weight}")
+        parts = step_parts(cfg)  # two steps an epoch: the first step's share stays in share_sum
+        torch.manual_seed(1)
+        detection_step(parts, [fixed_batch(world, cfg)], cfg, 0)
+        shares[weight] = float(parts.feature_distill.share_sum)
+    assert shares[1e-3] < shares[5.0] < shares[1e4]
+    assert shares[1e-3] < 50 and shares[1e4] > 95, shares
 
 
 def test_adaptive_schedule_updates_at_epoch_ends(world):
@@ -181,6 +214,20 @@ def test_adaptive_schedule_updates_at_epoch_ends(world):
     assert distill.weight == cfg.distill.final_weight
 
 
+def test_the_weight_and_its_ceiling_round_trip_and_a_lower_ceiling_applies_at_load(world):
+    cfg = config(world, *TEACHER)
+    saved = step_parts(cfg).feature_distill
+    saved.weight = 17.5
+    state = saved.state_dict()
+    assert state["max_weight"] == 20.0  # four starting weights by default
+    again = step_parts(cfg).feature_distill
+    again.load_state_dict(state)
+    assert again.weight == 17.5 and again.state_dict()["max_weight"] == 20.0
+    lower = step_parts(config(world, *TEACHER, "distill.max_weight=10", "distill.final_weight=10")).feature_distill
+    lower.load_state_dict(state)
+    assert lower.weight == 10.0
+
+
 # ---- a run: logged, checkpointed, resumed, exported without it ---------------------------------------------
 
 
@@ -202,7 +249,7 @@ def test_a_run_logs_the_term_resumes_exactly_and_exports_without_it(world, tmp_p
     final = torch.load(whole / "ckpt-00000004.pt", weights_only=False)
     for part in ("model", "ema"):
         assert not [k for k in final[part] if "head" in k.split(".")[0] or "teacher" in k]
-    assert set(final["feature_distill"]) == {"head", "weight", "share_sum", "share_count"}
+    assert set(final["feature_distill"]) == {"head", "weight", "max_weight", "share_sum", "share_count"}
     # the adaptive weight moved at the ends of epochs 1 and 2 (two steps each)
     assert final["feature_distill"]["weight"] != 5.0
 
@@ -229,6 +276,54 @@ def test_a_run_logs_the_term_resumes_exactly_and_exports_without_it(world, tmp_p
     scores, _, boxes = session.run(None, {"images": torch.rand(2, 3, 64, 64).numpy(),
                                           "orig_sizes": torch.tensor([[64.0, 64.0], [128.0, 96.0]]).numpy()})
     assert scores.shape == (2, 20) and boxes.shape == (2, 20, 4)
+
+
+# A band beyond what the default ceiling (4 x 5 = 20) lets the weight reach: on two gloo processes, epochs of
+# two steps (8 images, 2 a process a step), the adaptive weight must stop at the ceiling
+OUT_OF_REACH = [*TEACHER, "distill.schedule=adaptive", "distill.grad_share=99", "distill.grad_share_tolerance=0.5",
+                "data.batch_size=2", "train.steps=8", "train.ckpt_every=4", "eval.num_top=10"]
+
+
+def two_processes(world: Path, out: Path, *args: str) -> Path:
+    finish(torchrun(FINETUNE, 2, out, f"recipe={world / 'tiny.yaml'}", *OUT_OF_REACH, *args), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def held(world, tmp_path_factory) -> Path:
+    return two_processes(world, tmp_path_factory.mktemp("held") / "run")
+
+
+def test_the_ceiling_holds_the_weight_and_says_so(held):
+    """Without a ceiling the weight went 5 -> 50 -> 470 -> 3,332 -> 17,289 here and the term was 99% of the
+    loss; with it, the weight stops at 20, the main process warns once an epoch, and the term stays within
+    what the ceiling allows (cosine: 1 - cos <= 2 per location)."""
+    final = load_checkpoint(held / "ckpt-00000008.pt")["feature_distill"]
+    assert final["weight"] == 20.0, final["weight"]
+    assert final["max_weight"] == 20.0
+    log = Path(f"{held}.log").read_text()
+    warned = [line.split("epoch ")[1].split(":")[0] for line in log.splitlines()
+              if "weight held at its ceiling distill.max_weight=20" in line]
+    assert warned == ["0", "1", "2", "3"], log[-3000:]  # every epoch end, from one process
+    records = [json.loads(line) for line in (held / "metrics.jsonl").read_text().splitlines()]
+    terms = [r["loss_distill"] for r in records if "loss_distill" in r]
+    assert len(terms) == 8 and max(terms) <= 2 * 20.0, terms
+    assert min(terms[2:]) > 2 * max(terms[:2]), terms  # the weight did rise, from 5 to the ceiling, after step 2
+
+
+def test_a_resume_keeps_the_held_weight(world, held, tmp_path):
+    """Resumed from the step-4 checkpoint (weight at the ceiling): the run ends as the one never stopped, the
+    term's weight and state and the detector alike."""
+    resumed = two_processes(world, tmp_path / "resumed", f"resume={held / 'ckpt-00000004.pt'}")
+    a, b = (load_checkpoint(run / "ckpt-00000008.pt") for run in (held, resumed))
+    assert b["feature_distill"]["weight"] == a["feature_distill"]["weight"] == 20.0
+    assert b["feature_distill"]["max_weight"] == 20.0
+    for key in ("share_sum", "share_count"):
+        assert torch.equal(a["feature_distill"][key], b["feature_distill"][key]), key
+    for part, state, other in (("model", a["model"], b["model"]),
+                               ("head", a["feature_distill"]["head"], b["feature_distill"]["head"])):
+        differ = [k for k in state if not torch.equal(state[k], other[k])]
+        assert not differ, (part, differ[:5])
 
 
 # ---- errors, one line each -------------------------------------------------------------------------------
@@ -286,6 +381,15 @@ def test_bad_values_are_refused_at_load(world):
         config(world, "distill.schedule=cosine")
     with pytest.raises(ConfigError, match="distill.loss"):
         config(world, "distill.loss=kl")
+    with pytest.raises(ConfigError, match=r"^distill.max_weight=0.0 must be above 0"):
+        config(world, *TEACHER, "distill.max_weight=0")
+    with pytest.raises(ConfigError, match=r"^distill.weight=30 is above distill.max_weight=25: raise"):
+        config(world, *TEACHER, "distill.weight=30", "distill.max_weight=25")
+    # the default ceiling is four starting weights; the final weight of the adaptive schedule is under it too
+    with pytest.raises(ConfigError, match=r"^distill.final_weight=20 is above distill.max_weight=8 "
+                                          r"\(4 x distill.weight\)"):
+        config(world, *TEACHER, "distill.weight=2")
+    assert config(world, *TEACHER, "distill.weight=2", "distill.schedule=constant").distill.weight == 2
 
 
 def test_the_demo_recipe_names_a_teacher_and_keeps_det_demo_otherwise():

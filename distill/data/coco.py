@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import defaultdict
 from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
@@ -31,6 +30,7 @@ from torchvision import tv_tensors
 from torchvision.ops import box_convert
 from torchvision.transforms import v2 as T
 
+from distill.data.coco_index import CocoIndex, InvalidAnnotation, check_annotation, nth_annotation, read_instances
 from distill.data.det_augment import (
     MosaicSettings,
     eval_transform,
@@ -39,8 +39,11 @@ from distill.data.det_augment import (
     mosaic_train_transform,
     rtdetr_train_transform,
 )
+from distill.data.json_stream import StreamedArray
 from distill.data.stream import single_threaded_opencv
+from distill.engine.host_copy import device_constant, to_device
 from distill.engine.preemption import ignore_stop_signals
+from distill.errors import CocoFormatError
 
 logger = logging.getLogger("distill")
 
@@ -54,10 +57,6 @@ class SampleRequest(NamedTuple):
     seed: Optional[int] = None  # the augmentation's random draws; set, a resumed run repeats them exactly
     mosaic: tuple[int, ...] = ()  # three more images to tile with this one (DEIM's Mosaic); (): none
     mixup: Optional[float] = None  # set: the batch is mixed up, each image keeping this share (DEIM's MixUp)
-
-
-class CocoFormatError(ValueError):
-    """An instances JSON that does not follow the COCO format."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -128,13 +127,18 @@ class CocoDetection(Dataset):
             raise FileNotFoundError(f"annotation file {self.ann_file} does not exist")
         if not self.image_dir.is_dir():
             raise FileNotFoundError(f"image folder {self.image_dir} does not exist (annotations: {self.ann_file})")
+        text = self.ann_file.read_text()
         try:
-            coco = json.loads(self.ann_file.read_text())
+            coco, images, annotations = read_instances(text, lambda msg: CocoFormatError(f"{self.ann_file}: {msg}"))
         except json.JSONDecodeError as e:
             raise CocoFormatError(f"{self.ann_file}: not valid JSON: {e}") from None
+        if not isinstance(coco, dict):
+            raise CocoFormatError(f"{self.ann_file}: not a JSON object")
         for key in ("images", "annotations", "categories"):
             if key not in coco:
                 raise CocoFormatError(f"{self.ann_file}: no {key!r} list (keys present: {sorted(coco)})")
+            if key != "categories" and not isinstance(coco[key], StreamedArray):
+                raise CocoFormatError(f"{self.ann_file}: {key!r} must be a list, got {type(coco[key]).__name__}")
 
         own = sorted(({"id": c["id"], "name": c.get("name", str(c["id"]))} for c in coco["categories"]),
                      key=lambda c: c["id"])
@@ -146,26 +150,14 @@ class CocoDetection(Dataset):
         self.category_ids: list[int] = [c["id"] for c in categories]
         self.class_names: list[str] = [c["name"] for c in categories]
         self.label_of: dict[int, int] = {cid: i for i, cid in enumerate(self.category_ids)}
-        self.images: list[dict] = sorted(coco["images"], key=lambda im: im["id"])
-        known_images = {im["id"] for im in self.images}
-
-        boxes, labels = defaultdict(list), defaultdict(list)
-        for ann in coco["annotations"]:
-            where = f"{self.ann_file}: annotation {ann.get('id', '?')}"
-            if ann.get("category_id") not in self.label_of:
-                raise CocoFormatError(f"{where}: category_id {ann.get('category_id')} is not a known category "
-                                      f"(ids: {self.category_ids})")
-            if ann.get("image_id") not in known_images:
-                raise CocoFormatError(f"{where}: image_id {ann.get('image_id')} is not in 'images'")
-            bbox = ann.get("bbox")
-            if not (isinstance(bbox, list) and len(bbox) == 4):
-                raise CocoFormatError(f"{where}: bbox must be [x, y, width, height], got {bbox!r}")
-            if ann.get("iscrowd", 0):
-                continue  # crowd regions are ignored by the evaluation, not learnt
-            boxes[ann["image_id"]].append(bbox)
-            labels[ann["image_id"]].append(self.label_of[ann["category_id"]])
-        self._boxes = {k: np.asarray(v, dtype=np.float32).reshape(-1, 4) for k, v in boxes.items()}
-        self._labels = {k: np.asarray(v, dtype=np.int64) for k, v in labels.items()}
+        if not all(type(cid) is int for cid in self.category_ids):
+            raise CocoFormatError(f"{self.ann_file}: category ids must be integers, got {self.category_ids}")
+        # Flat arrays, not per-image objects: forked loader workers read them without copying (coco_index).
+        try:
+            self.images: CocoIndex = CocoIndex(images, annotations, self.category_ids)
+        except InvalidAnnotation as bad:
+            check_annotation(nth_annotation(text, bad.position), self.ann_file, self.label_of, self.category_ids,
+                             set(images.ids), CocoFormatError)
 
     @property
     def num_classes(self) -> int:
@@ -180,7 +172,7 @@ class CocoDetection(Dataset):
         return len(self.images)
 
     def image_path(self, index: int) -> Path:
-        return self.image_dir / self.images[index]["file_name"]
+        return self.image_dir / self.images.file_name(index)
 
     def read_image(self, index: int) -> np.ndarray:
         with Image.open(self.image_path(index)) as img:
@@ -188,15 +180,13 @@ class CocoDetection(Dataset):
 
     def annotations(self, index: int, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
         """Boxes (xywh, clipped to the image, degenerate ones dropped) and labels of one image."""
-        image_id = self.images[index]["id"]
-        boxes = self._boxes.get(image_id, np.zeros((0, 4), np.float32)).copy()
-        labels = self._labels.get(image_id, np.zeros((0,), np.int64))
+        boxes, labels = self.images.annotations(index)
         x0 = boxes[:, 0].clip(0, width)
         y0 = boxes[:, 1].clip(0, height)
         x1 = (boxes[:, 0] + boxes[:, 2]).clip(0, width)
         y1 = (boxes[:, 1] + boxes[:, 3]).clip(0, height)
         keep = (x1 - x0 >= 1) & (y1 - y0 >= 1)
-        return np.stack([x0, y0, x1 - x0, y1 - y0], 1)[keep], labels[keep]
+        return np.stack([x0, y0, x1 - x0, y1 - y0], 1)[keep], labels[keep].astype(np.int64)
 
     def _read(self, index: int, skipped: list[str]) -> tuple[int, Optional[np.ndarray]]:
         """(index read, image); in training a corrupt image is replaced by the next one, elsewhere it is left
@@ -205,7 +195,7 @@ class CocoDetection(Dataset):
             try:
                 return index, self.read_image(index)
             except Exception as e:  # truncated, unreadable or missing files
-                name = self.images[index]["file_name"]
+                name = self.images.file_name(index)
                 logger.warning("skipping image %s: %s: %s", self.image_dir / name, type(e).__name__, e)
                 skipped.append(name)
                 index = (index + 1) % len(self)
@@ -238,7 +228,7 @@ class CocoDetection(Dataset):
         target = {
             "labels": labels,
             "boxes": boxes,
-            "image_id": int(self.images[index]["id"]),
+            "image_id": self.images.image_id(index),
             "orig_size": torch.tensor([width, height]),  # (w, h), what the post-processor scales to
         }
         return {"image": image.contiguous(), "target": target, "skipped": skipped, "mixup": request.mixup}
@@ -272,13 +262,15 @@ def collate_detection(items: Sequence[dict]) -> dict:
 
 def to_model_input(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 (B,3,H,W) on the device → float, normalised with the backbone's statistics."""
-    mean_t = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, 3, 1, 1) * 255
-    std_t = torch.tensor(std, device=images.device, dtype=torch.float32).view(1, 3, 1, 1) * 255
+    mean_t = device_constant(mean, images.device).view(1, 3, 1, 1) * 255  # no host-to-device copy per batch
+    std_t = device_constant(std, images.device).view(1, 3, 1, 1) * 255
     return (images.float() - mean_t) / std_t
 
 
 def targets_to(targets: list[dict], device: torch.device) -> list[dict]:
-    return [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+    """The targets' tensors on `device`, copied from pinned memory (the loader's, else pinned here) so that the
+    training step never waits for the device to receive them."""
+    return [{k: to_device(v, device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import yaml
 from distill.config import packaged_dir
 from distill.data.augment import check_augment, create_augment
 from distill.data.shards import expand_shards, read_manifest
+from distill.errors import MixError
 
 logger = logging.getLogger(__name__)
 
@@ -35,10 +36,6 @@ MIX_DIR = packaged_dir("data_mixes")
 _MIX_KEYS = {"sources", "schedule", "description"}
 _SOURCE_KEYS = {"shards", "augment", "weight", "mixup", "labelled"}
 _POINT_KEYS = {"at", "weights"}
-
-
-class MixError(ValueError):
-    """A data mix file that does not describe a valid mix; the message names the file and key."""
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """COCO box AP of a detector (faster-coco-eval), safe under several processes.
 
-Each process predicts its share of the validation images; the detections are gathered on the main process,
-written as a COCO results JSON and scored there against the instances file; every process returns the
-same metrics. Images that could not be decoded are left out of the scoring (and counted), so a corrupt file
+Each process predicts its share of the validation images; the detections are gathered on the main process
+alone, written as a COCO results JSON and scored there against the instances file; every process returns
+the same metrics. Images that could not be decoded are left out of the scoring (and counted), so a corrupt file
 does not show up as missed objects.
 """
 from __future__ import annotations
@@ -40,10 +40,12 @@ def to_coco_results(results: Sequence[dict], image_ids: Sequence[int], category_
     return entries
 
 
-def coco_box_metrics(ann_file: str | Path, detections: list[dict], image_ids: Optional[Sequence[int]] = None) -> dict:
+def coco_box_metrics(ann_file: str | Path, detections: list[dict], image_ids: Optional[Sequence[int]] = None,
+                     by_class: bool = False) -> dict:
     """COCO box metrics of `detections` over `image_ids` (default: every image of `ann_file`).
 
-    A metric with no ground truth of that kind reads -1, COCO's convention."""
+    A metric with no ground truth of that kind reads -1, COCO's convention. `by_class` adds `per_class` and
+    `pr50` (see `class_scores`), read from the same evaluation."""
     from faster_coco_eval import COCO, COCOeval_faster
 
     quiet = contextlib.redirect_stdout(io.StringIO())
@@ -52,7 +54,8 @@ def coco_box_metrics(ann_file: str | Path, detections: list[dict], image_ids: Op
     ids = sorted(set(image_ids)) if image_ids is not None else sorted(gt.getImgIds())
     if not detections:
         has_gt = len(gt.getAnnIds(imgIds=ids)) > 0
-        return {name: (0.0 if has_gt else -1.0) for name in METRIC_NAMES}
+        metrics = {name: (0.0 if has_gt else -1.0) for name in METRIC_NAMES}
+        return metrics | (class_scores(gt, ids, None) if by_class else {})
     with quiet:
         dt = gt.loadRes(detections)
         evaluator = COCOeval_faster(gt, dt, iouType="bbox", print_function=lambda *a, **k: None, separate_eval=True)
@@ -60,7 +63,35 @@ def coco_box_metrics(ann_file: str | Path, detections: list[dict], image_ids: Op
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    return {name: float(v) for name, v in zip(METRIC_NAMES, evaluator.stats)}
+    metrics = {name: float(v) for name, v in zip(METRIC_NAMES, evaluator.stats)}
+    return metrics | (class_scores(gt, ids, evaluator) if by_class else {})
+
+
+def class_scores(gt, image_ids: Sequence[int], evaluator=None) -> dict:
+    """Per category, from the evaluator's `precision` array [IoU, recall, category, area, max dets] (area
+    all, 100 detections): `per_class` rows {id, name, AP, AP50, gt (non-crowd boxes)} and `pr50`, the
+    precision at each recall threshold at IoU 0.5 ({"recall": [...], "precision": [[...] per category]}).
+    A category without ground truth reads -1, as in COCO's summary; without an evaluator (no detections)
+    every score is 0."""
+    if evaluator is None:
+        cat_ids, precision, recall = sorted(gt.getCatIds()), None, [i / 100 for i in range(101)]  # COCO's
+    else:
+        cat_ids, precision = list(evaluator.params.catIds), torch.as_tensor(evaluator.eval["precision"])[..., 0, -1]
+        recall = [float(r) for r in evaluator.params.recThrs]
+    rows, curves = [], []
+    for k, cat in enumerate(cat_ids):
+        count = len(gt.getAnnIds(imgIds=list(image_ids), catIds=[cat], iscrowd=False))
+        if precision is None:
+            ap = ap50 = 0.0 if count else -1.0
+            curve = [0.0] * len(recall)
+        else:
+            p = precision[:, :, k]
+            ap, ap50 = (float(x[x > -1].mean()) if (x > -1).any() else -1.0 for x in (p, p[0]))
+            curve = p[0].tolist()
+        rows.append({"id": int(cat), "name": gt.loadCats([cat])[0].get("name", str(cat)), "AP": ap, "AP50": ap50,
+                     "gt": count})
+        curves.append(curve)
+    return {"per_class": rows, "pr50": {"recall": recall, "precision": curves}}
 
 
 @torch.no_grad()
@@ -84,25 +115,53 @@ def predict(model: torch.nn.Module, loader, postprocess: Callable, mean, std, de
 
 
 def evaluate_detector(model, loader, postprocess: Callable, mean, std, category_ids: Sequence[int],
-                      ann_file: str | Path, accelerator, out_json: Optional[Path] = None) -> dict:
-    """COCO metrics of `model` on the validation loader's images (every process must call this)."""
-    from accelerate.utils import broadcast_object_list, gather_object
+                      ann_file: str | Path, accelerator, out_json: Optional[Path] = None,
+                      by_class: bool = False) -> dict:
+    """COCO metrics of `model` on the validation loader's images (every process must call this); `by_class`
+    adds the per-category scores (`class_scores`) on the main process only."""
+    from accelerate.utils import broadcast_object_list
 
     results, image_ids, skipped = predict(model, loader, postprocess, mean, std, accelerator.device,
                                           accelerator.autocast)
-    detections = gather_object(to_coco_results(results, image_ids, category_ids))
-    image_ids = gather_object(image_ids)
-    skipped = gather_object(skipped)
-    payload = [None]
+    shares = gather_on_main(accelerator, (to_coco_results(results, image_ids, category_ids), image_ids, skipped))
+    payload, details = [None], {}
     if accelerator.is_main_process:
-        if out_json is not None:
-            from distill.engine.checkpoint import atomic_write_text
+        try:
+            metrics, details = score_on_main(shares, ann_file, out_json, by_class)
+            payload = [(metrics, None)]
+        except Exception as e:  # shared: the other processes would wait for the broadcast until the timeout
+            payload = [(None, f"evaluation failed on the main process: {type(e).__name__}: {e}")]
+    broadcast_object_list(payload)  # the metrics alone: the detections stay on the main process
+    metrics, problem = payload[0]
+    if problem:
+        raise RuntimeError(problem)
+    return metrics | details
 
-            atomic_write_text(Path(out_json), json.dumps(detections))
-        metrics = coco_box_metrics(ann_file, detections, image_ids) if image_ids else {n: -1.0 for n in METRIC_NAMES}
-        metrics |= {"eval_images": len(set(image_ids)), "eval_skipped_images": len(skipped)}
-        if skipped:
-            logger.warning("evaluation skipped %d undecodable images: %s", len(skipped), ", ".join(skipped[:10]))
-        payload = [metrics]
-    broadcast_object_list(payload)
-    return payload[0]
+
+def score_on_main(shares: list, ann_file: str | Path, out_json: Optional[Path], by_class: bool) -> tuple[dict, dict]:
+    """(metrics, per-class details) of every process's detections; predictions.json written where asked."""
+    detections, image_ids, skipped = ([x for share in shares for x in share[i]] for i in range(3))
+    if out_json is not None:
+        from distill.engine.checkpoint import atomic_write_text
+
+        atomic_write_text(Path(out_json), json.dumps(detections))
+    metrics = (coco_box_metrics(ann_file, detections, image_ids, by_class) if image_ids
+               else {n: -1.0 for n in METRIC_NAMES})
+    metrics |= {"eval_images": len(set(image_ids)), "eval_skipped_images": len(skipped)}
+    details = {k: metrics.pop(k) for k in ("per_class", "pr50") if k in metrics}
+    if skipped:
+        logger.warning("evaluation skipped %d undecodable images: %s", len(skipped), ", ".join(skipped[:10]))
+    return metrics, details
+
+
+def gather_on_main(accelerator, share) -> Optional[list]:
+    """Every process's `share` (a picklable object), in process order, on the main process; None on the others,
+    which never hold the whole set. On NCCL the objects travel through the current CUDA device, which must be
+    this process's own (torch.distributed.gather_object's condition): it is set to the Accelerator's here."""
+    if accelerator.num_processes == 1:
+        return [share]
+    shares = [None] * accelerator.num_processes if accelerator.is_main_process else None
+    on_device = torch.cuda.device(accelerator.device) if accelerator.device.type == "cuda" else contextlib.nullcontext()
+    with on_device:
+        torch.distributed.gather_object(share, shares, dst=0)
+    return shares

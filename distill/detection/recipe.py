@@ -17,6 +17,7 @@ from distill.config import (
     BATCH,
     FRACTION,
     MAX_CLASSES,
+    PRETRAIN_CHOICES,
     PROBABILITY,
     RECIPE_DIR,
     SEED,
@@ -30,10 +31,17 @@ from distill.config import (
     at_least,
     load_config,
 )
-from distill.detection.criterion import CLASSIFICATION_LOSSES
-from distill.detection.feature_distill import ATTENTION_LEVEL, SCHEDULES
-from distill.detection.rtdetr import HEADS, RTDETRConfig, check_head
-from distill.feature_losses import FEATURE_LOSSES
+from distill.data.formats import FORMATS as DATA_FORMATS
+from distill.detection.settings import (
+    ATTENTION_LEVEL,
+    CEILING_FACTOR,
+    CLASSIFICATION_LOSSES,
+    HEADS,
+    SCHEDULES,
+    RTDETRConfig,
+    check_head,
+    weight_ceiling,
+)
 
 
 @dataclass
@@ -41,7 +49,7 @@ class DetModelConfig(RTDETRConfig):
     """`RTDETRConfig` as a recipe sets it: the same fields, with recipe-friendly defaults and types."""
 
     backbone: str = "mobilenetv4_conv_small"  # timm name or `torchvision/<name>`
-    num_classes: Optional[int] = None  # default: the training annotations' category count
+    num_classes: Optional[int] = None  # default: the training data's class count (given, it must agree)
     out_strides: list[int] = field(default_factory=lambda: [8, 16, 32])  # [16, 32]: the two-level light neck
     eval_spatial_size: Optional[list[int]] = None
     num_points_per_level: Optional[list[int]] = None  # head=dfine: e.g. [3, 6, 3]; None: num_points everywhere
@@ -49,7 +57,10 @@ class DetModelConfig(RTDETRConfig):
 
 @dataclass
 class DetDataConfig:
-    root: str = "data/coco"  # the paths below are relative to it
+    # the data: a COCO folder (the four paths below are relative to it), a YOLO dataset YAML (or its folder),
+    # or a Roboflow / CVAT / Label Studio COCO export folder (distill.data.det_layouts)
+    root: str = "data/coco"
+    format: str = "auto"  # auto (from the files under root) | coco | yolo | roboflow | cvat | labelstudio
     train_images: str = "train2017"
     train_ann: str = "annotations/instances_train2017.json"
     val_images: str = "val2017"
@@ -148,13 +159,19 @@ class DetDistillConfig:
     loss: str = "cosine"  # cosine (RT-DETRv4: 1 - cosine similarity per location) | mse | smooth_l1
     weight: float = 5.0  # RT-DETRv4-S and M: 5 (L 15, X 20); the start of the adaptive schedule
     schedule: str = "adaptive"  # constant: `weight` throughout; adaptive: RT-DETRv4's, from the gradient share
-    # adaptive: the encoder attention's target share of the gradient's L1 mass, in percent, and its band
-    # (RT-DETRv4-S: rho 11, delta 1; M: 3.5, 0.25; L: 2, 0.1; X: 2, 0.25)
+    # adaptive: the encoder attention's target share of the gradient's L1 mass on attention and decoder, in
+    # percent, and its band. RT-DETRv4 takes the share of the whole model's gradient (S: rho 11, delta 1;
+    # M: 3.5, 0.25; L: 2, 0.1; X: 2, 0.25), which levels off as the weight grows; this one rises towards 100%,
+    # and reads higher for the same training (the feature_distill module says why)
     grad_share: float = 11.0
     grad_share_tolerance: float = 1.0
     # adaptive: the weight in the last epochs without strong augmentation, and after an epoch in which the
     # attention got no gradient (RT-DETRv4's default_weight: S 20, M 15, L 15, X 20)
     final_weight: float = 20.0
+    # The largest weight, for the adaptive schedule; null: 4 x `weight` (RT-DETRv4's recipes never exceed four
+    # times their starting weight). RT-DETRv4 has no ceiling: where the band is out of reach its weight grows
+    # tenfold an epoch until the term swamps the detection loss; here it stays at this, with a warning
+    max_weight: Optional[float] = None
 
 
 @dataclass
@@ -179,9 +196,10 @@ DET_CHOICES = {
     "model.head": HEADS,
     "model.class_loss": CLASSIFICATION_LOSSES,
     "data.generate": (None, "det_demo"),
+    "data.format": DATA_FORMATS,
     "optim.schedule": ("cosine", "flat_cosine"),
     "train.precision": ("auto", "no", "bf16", "fp16"),
-    "distill.loss": tuple(FEATURE_LOSSES),
+    "distill.loss": PRETRAIN_CHOICES["loss.feature_loss"],  # distill/feature_losses.py
     "distill.schedule": SCHEDULES,
 }
 
@@ -254,14 +272,17 @@ DET_RANGES = {
     "distill.grad_share": above(0, 100, hi_open=True),
     "distill.grad_share_tolerance": at_least(0, 100),
     "distill.final_weight": above(0),
+    "distill.max_weight": above(0),
 }
 
 
-def load_det_config(argv: Sequence[str], recipe_dir: Path = RECIPE_DIR) -> DictConfig:
-    from distill.engine.logging import check_trackers
-
+def load_det_config(argv: Sequence[str], recipe_dir: Path = RECIPE_DIR, trackers: bool = True) -> DictConfig:
+    """`trackers=False` leaves out the check that the trackers are installed, which loads Accelerate and torch."""
     cfg = load_config(DetConfig, argv, recipe_dir, DET_CHOICES, DET_RANGES)
-    check_trackers(cfg.train.trackers, "train.trackers")
+    if trackers:
+        from distill.engine.logging import check_trackers
+
+        check_trackers(cfg.train.trackers, "train.trackers")
     if cfg.model.hidden_dim % cfg.model.num_heads:
         raise ConfigError(f"model.hidden_dim={cfg.model.hidden_dim} must be a multiple of "
                           f"model.num_heads={cfg.model.num_heads}")
@@ -273,9 +294,23 @@ def load_det_config(argv: Sequence[str], recipe_dir: Path = RECIPE_DIR) -> DictC
     if bad:
         raise ConfigError(f"data.img_size / data.multiscale must be positive multiples of 32, got {bad}")
     check_augment_keys(cfg)
+    check_distill_weights(cfg.distill)
     if not cfg.train.steps:  # a length in steps is known in epochs once the data is read (plan_steps checks)
         check_epochs(cfg, float(cfg.train.epochs), f"train.epochs={cfg.train.epochs:g}")
     return cfg
+
+
+def check_distill_weights(d: DictConfig) -> None:
+    """The weights the term takes (with a teacher) lie under its ceiling."""
+    if not d.teacher:
+        return
+    ceiling = weight_ceiling(d)
+    where = f"distill.max_weight={ceiling:g}" + ("" if d.max_weight is not None else
+                                                 f" ({CEILING_FACTOR:g} x distill.weight)")
+    weights = [("weight", d.weight)] + ([("final_weight", d.final_weight)] if d.schedule == "adaptive" else [])
+    for key, value in weights:
+        if value > ceiling:
+            raise ConfigError(f"distill.{key}={value:g} is above {where}: raise distill.max_weight or lower it")
 
 
 def epoch_window(values, key: str) -> Optional[tuple[float, float]]:
@@ -340,3 +375,16 @@ def check_epochs(cfg: DictConfig, epochs: float, length: str) -> None:
     if optim.schedule == "flat_cosine" and float(optim.flat_epochs) > stop + 1e-9:
         raise ConfigError(f"optim.flat_epochs={float(optim.flat_epochs):g} is beyond the end of the cosine, "
                           f"which ends with the strong augmentations at {where}")
+
+
+def check_mixup_batch(cfg: DictConfig, processes: int, window: tuple[int, int], from_step: int = 0) -> None:
+    """Batch MixUp mixes the images of one process's micro-batch with each other (DEIM's collate function): with
+    one image a process there is nothing to mix, and the run would train without MixUp while its recipe and
+    banner say otherwise. `window`: MixUp's [start, stop) steps; a run resumed past them is let be."""
+    data = cfg.data
+    if data.mixup_prob <= 0 or data.batch_size > 1 or max(window[0], from_step) >= window[1]:
+        return
+    split = (f" (data.global_batch_size={data.global_batch_size} over {processes} processes x optim.grad_accum="
+             f"{cfg.optim.grad_accum})" if data.global_batch_size else "")
+    raise ConfigError(f"data.mixup_prob={data.mixup_prob:g} mixes the images of a process's batch, but data.batch_size"
+                      f" is {data.batch_size} image a process{split}: raise the batch or set data.mixup_prob=0")

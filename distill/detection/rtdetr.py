@@ -27,53 +27,19 @@ import torch
 from torch import nn
 
 from distill.detection.blocks import RepVGGUnit
-from distill.detection.criterion import CLASSIFICATION_LOSSES, MAL_GAMMA, RTDETRCriterion
+from distill.detection.criterion import MAL_GAMMA, RTDETRCriterion
 from distill.detection.decoder import RTDETRDecoder
 from distill.detection.dfine_criterion import DFINECriterion
 from distill.detection.dfine_decoder import DFineDecoder
 from distill.detection.hybrid_encoder import HybridEncoder
 from distill.detection.matcher import HungarianMatcher
 from distill.detection.postprocess import PostProcessor
+from distill.detection.settings import HEADS, RTDETRConfig, check_head
 from distill.models.factory import input_spec
 from distill.models.features import create_feature_extractor
 
 __all__ = ["RTDETRConfig", "PRESETS", "HEADS", "rtdetr_config", "build_rtdetr", "build_criterion", "RTDETR",
            "RTDETRCriterion", "DFINECriterion", "HungarianMatcher", "PostProcessor"]
-
-HEADS = ("rtdetrv2", "dfine")
-
-
-@dataclass
-class RTDETRConfig:
-    backbone: str
-    backbone_checkpoint: Optional[str] = None
-    pretrained_backbone: bool = False
-    num_classes: int = 80
-    hidden_dim: int = 256
-    expansion: float = 0.5
-    num_queries: int = 300
-    num_decoder_layers: int = 3
-    num_heads: int = 8
-    num_points: int = 4
-    dim_feedforward: int = 1024  # encoder attention and decoder FFN width
-    fusion_block: str = "csp_repvgg"  # D-FINE's own neck: rep_elan with downsample scdown_linear
-    downsample: str = "conv"
-    encoder_attention: str = "aifi"
-    num_denoising: int = 100
-    label_noise_ratio: float = 0.5
-    box_noise_scale: float = 1.0
-    eval_spatial_size: Optional[tuple[int, int]] = None  # (h, w): fixed anchors for export
-    out_strides: tuple[int, ...] = (8, 16, 32)
-    depth_mult: float = 1.0  # CSP units per fusion block = round(3 · depth_mult)
-    dropout: float = 0.0
-    init_from: Optional[str] = None  # encoder + decoder weights: an official RT-DETRv2 / D-FINE .pth or a transformers folder
-    head: str = "rtdetrv2"  # the decoder head: rtdetrv2 | dfine
-    # D-FINE head only: sampling points per level (D-FINE-S [3, 6, 3]); None: num_points on every level
-    num_points_per_level: Optional[tuple[int, ...]] = None
-    reg_max: int = 32  # D-FINE: bins per edge distribution are reg_max + 1
-    reg_scale: float = 4.0  # D-FINE: the curvature / range of the weighting function W(n)
-    class_loss: str = "vfl"  # vfl (RT-DETR, D-FINE) | mal (DEIM's matchability-aware loss, gamma 1.5)
-
 
 PRESETS: dict[str, dict] = {
     "v2_s": {},
@@ -125,27 +91,6 @@ def _pair(size: Optional[int | Sequence[int]]) -> Optional[tuple[int, int]]:
     if size is None:
         return None
     return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
-
-
-def check_head(cfg, prefix: str = "") -> None:
-    """The head and loss settings the reference implementations support; a ValueError naming the keys (with
-    `prefix`, e.g. "model.") otherwise. `cfg`: an `RTDETRConfig` or anything with its attributes (a recipe's model)."""
-    head, points = f"{prefix}head", f"{prefix}num_points_per_level"
-    if cfg.head not in HEADS:
-        raise ValueError(f"{head}={cfg.head!r} is not one of {', '.join(HEADS)}")
-    if cfg.class_loss not in CLASSIFICATION_LOSSES:
-        raise ValueError(f"{prefix}class_loss={cfg.class_loss!r} is not one of {', '.join(CLASSIFICATION_LOSSES)}")
-    if cfg.head == "rtdetrv2" and cfg.num_points_per_level is not None:
-        raise ValueError(f"{points} is a D-FINE setting: set {head}=dfine, or {prefix}num_points for rtdetrv2")
-    if cfg.head != "dfine":
-        return
-    if cfg.num_points_per_level is not None and len(cfg.num_points_per_level) != len(cfg.out_strides):
-        raise ValueError(f"{points}={list(cfg.num_points_per_level)} needs one entry per level of "
-                         f"{prefix}out_strides={list(cfg.out_strides)}")
-    if cfg.reg_max < 4 or cfg.reg_max % 2:
-        raise ValueError(f"{head}=dfine needs an even {prefix}reg_max of at least 4 (D-FINE: 32), got {cfg.reg_max}")
-    if cfg.reg_scale <= 0:
-        raise ValueError(f"{head}=dfine needs {prefix}reg_scale > 0 (D-FINE: 4), got {cfg.reg_scale}")
 
 
 def build_rtdetr(cfg: RTDETRConfig) -> RTDETR:

@@ -7,9 +7,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-
-class LaunchError(RuntimeError):
-    """The processes do not form the run they were launched as."""
+from distill.errors import LaunchError
 
 
 def start_processes(timeout_s: Optional[float] = None):
@@ -50,6 +48,13 @@ def broadcast_from_main(value: Any) -> Any:
     if PartialState().num_processes == 1:
         return value
     return broadcast_object_list([value], from_process=0)[0]
+
+
+def gather_from_all(value: Any) -> list:
+    """Every process's `value` (a picklable object), in process order, on every process."""
+    from accelerate.utils import gather_object
+
+    return gather_object([value])
 
 
 def match_gradient_buckets(model: torch.nn.Module, forward: Callable[[], Any]) -> None:

@@ -19,7 +19,9 @@ class UpdateGuard:
     they were, so no host sync is needed per step. With fp16's grad scaler the scaler skips inf steps itself;
     with an optimizer that has no fused kernel the flag is read on the host (one sync per step). The counts
     live on the device and are read by `check` at log and checkpoint steps, which also stops the run after
-    `max_in_row` skipped steps in a row.
+    `max_in_row` skipped steps in a row. With the scaler a step counts as skipped where this process's own
+    loss was non-finite, so the counts can differ between processes: `check` takes their maximum over the
+    processes first, and every process then stops at the same step, or none does.
     """
 
     def __init__(self, accelerator, optimizer, max_in_row: int, bad_steps: int = 0, bad_in_row: int = 0):
@@ -48,7 +50,11 @@ class UpdateGuard:
         self.counts = torch.stack([total + bad, row, torch.maximum(worst, row)])
 
     def check(self, step: int) -> tuple[int, int]:
-        """(skipped steps in all, skipped in a row now); raises NonFiniteLoss past `max_in_row` in a row."""
+        """(skipped steps in all, skipped in a row now), the same on every process (every process must call
+        this at the same step); raises NonFiniteLoss past `max_in_row` in a row."""
+        if self.accelerator.num_processes > 1:
+            # in place: every process goes on from the counts it saves in a checkpoint
+            torch.distributed.all_reduce(self.counts, torch.distributed.ReduceOp.MAX)
         total, row, worst = self.counts.tolist()
         if worst >= self.max_in_row:
             raise NonFiniteLoss(

@@ -25,25 +25,13 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from distill.errors import ConfigError
+from distill.errors import EXIT_REQUEUE, CollectiveTimeout, ConfigError, Preempted  # noqa: F401 (their old home)
 
 logger = logging.getLogger("distill")
 
-EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped early with a checkpoint, run it again with resume=auto
 STOP_KEY = "distill/stop"
 HEARTBEAT_KEY = "distill/step/{rank}"
 WRITTEN_KEY = "distill/stop-checkpoint-written"
-
-
-class Preempted(Exception):
-    """Raised on every process once the run is checkpointed at the agreed stop; exits with EXIT_REQUEUE."""
-
-    def __init__(self, where: str, then: str = "its checkpoint is written: continue with resume=auto"):
-        super().__init__(f"stopped on a signal {where}; {then}")
-
-
-class CollectiveTimeout(RuntimeError):
-    """A collective with the other processes did not complete within the recipe's timeout."""
 
 
 # --------------------------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ from typing import IO, Mapping, Optional
 from torch import nn
 from tqdm.auto import tqdm
 
+from distill.engine.threads import describe_threads
+
 logger = logging.getLogger("distill")
 
 
@@ -113,6 +115,7 @@ def banner(accelerator, recipe: str, output_dir, *, batch_size: int, grad_accum:
         f"{processes} process{'es' if processes > 1 else ''} x batch {batch_size} x accumulation {grad_accum} = "
         f"{global_batch} images a step; precision {accelerator.mixed_precision}; device {accelerator.device}",
     ]
+    lines.append(f"torch threads {describe_threads()}")
     if steps is not None:
         epochs = f" = {steps / steps_per_epoch:.2f} epochs of {steps_per_epoch:.1f} steps" if steps_per_epoch else ""
         lines.append(f"{steps} steps{epochs}")

@@ -18,8 +18,9 @@ from distill.engine.distributed import broadcast_from_main
 
 logger = logging.getLogger("distill")
 
-RUN_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "teacher.pt", "predictions.json", "predictions.png")
-RUN_GLOBS = ("ckpt-*.pt", "keys-rank*.tsv", ".ckpt-*.tmp")
+RUN_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "teacher.pt", "predictions.json", "predictions.png",
+             "best.pt", "last.pt", "curves.png", "pr_curves.png")
+RUN_GLOBS = ("ckpt-*.pt", "keys-rank*.tsv", ".ckpt-*.tmp", ".best.pt.*.tmp", ".last.pt.*.tmp")
 TRACKER_DIRS = ("distill",)  # tensorboard event folders (the trackers' project name)
 BASELINE_DIR = "baseline"  # a labels-only run beside the distilled one (pretrain's `baseline` key)
 

@@ -92,5 +92,4 @@ def load_pretrain_checkpoint(path: Path, accelerator, student, ema, optimizer, s
         first = rank == 0
         mine = ProcessState(counts if first else [0] * len(counts),
                             sum(p.skipped_samples for p in saved) if first else 0)
-    logger.info("resumed from %s at step %d", path, progress.step)
     return progress, mine

@@ -13,10 +13,7 @@ import yaml
 
 from distill.cli import user_errors
 from distill.errors import require
-from distill.export.targets import DETECTOR_TARGETS, STUDENT_TARGETS, TARGETS
-from distill.export.onnx_detector import is_detection_source
-from distill.export.source import WEIGHTS, load_student
-from distill.models.factory import split_name
+from distill.export.targets import DETECTOR_TARGETS, STUDENT_TARGETS, TARGETS, WEIGHTS, load_target
 
 
 def parse_args(argv):
@@ -77,18 +74,23 @@ def main(argv=None) -> int:
 
 
 def export(args) -> int:
+    # imported once the arguments are parsed: --help and a wrong option need no torch
+    from distill.export.onnx_detector import is_detection_source
+    from distill.export.source import load_student
+    from distill.models.factory import split_name
+
     if is_detection_source(args.source):
         to = args.to or "onnx"
         if to not in DETECTOR_TARGETS:
             raise ValueError(f"{args.source} is a detection run; it exports --to {', '.join(DETECTOR_TARGETS)}")
-        fn = DETECTOR_TARGETS[to]
+        fn = load_target(DETECTOR_TARGETS, to)
         written = fn(args.source, args.out, **target_options(fn, args))
     else:
         run = load_student(args.source, args.weights, args.model, args.num_classes)
         to = args.to or split_name(run.name)[0]
         if to not in STUDENT_TARGETS:
             raise ValueError(f"{args.source} is a pretraining run; it exports --to {', '.join(STUDENT_TARGETS)}")
-        fn = STUDENT_TARGETS[to]
+        fn = load_target(STUDENT_TARGETS, to)
         written = fn(run, args.out, **target_options(fn, args))
     print(json.dumps({"format": to, "out": str(written)}))
     return 0

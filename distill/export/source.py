@@ -19,9 +19,9 @@ from distill.engine.checkpoint import (
     resolve_checkpoint,
 )
 from distill.models.factory import create_model, read_state_dict
+from distill.export.targets import WEIGHTS
 from distill.models.projection import without_projection_heads
 
-WEIGHTS = ("ema", "student")
 
 
 @dataclass

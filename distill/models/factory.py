@@ -5,6 +5,7 @@ source as a prefix (`torchvision/shufflenet_v2_x1_0`: timm has no ShuffleNetV2).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -99,6 +100,33 @@ def _torchvision_model(name, num_classes, pretrained, drop_rate, drop_path_rate,
     return model
 
 
+@contextmanager
+def hub_download_order(pretrained: bool = True):
+    """Around the creation of a model with hub weights: in a launch of several processes the first process of
+    each machine fetches them into that machine's cache, and the others start once those are done and read
+    them from the cache, rather than every process downloading the same files at once.
+
+    A collective when `pretrained` (every process must enter it, in the same order); nothing otherwise, and
+    nothing for a single process. The first process releases the others whether or not it succeeded: they
+    then try for themselves and fail with the same error instead of waiting for ever."""
+    import torch.distributed as dist
+
+    if not pretrained or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        yield
+        return
+    from accelerate import PartialState
+
+    state = PartialState()
+    first = state.is_local_main_process
+    if not first:
+        state.wait_for_everyone()
+    try:
+        yield
+    finally:
+        if first:
+            state.wait_for_everyone()
+
+
 def create_model(
     name: str,
     num_classes: Optional[int] = None,
@@ -112,7 +140,8 @@ def create_model(
     `img_size` builds a model of fixed input side (a ViT) for that side; other models take any side anyway."""
     source, model_name = split_name(name)
     try:
-        model = _SOURCES[source](model_name, num_classes, pretrained, drop_rate, drop_path_rate, img_size)
+        with hub_download_order(pretrained):
+            model = _SOURCES[source](model_name, num_classes, pretrained, drop_rate, drop_path_rate, img_size)
     except (RuntimeError, ValueError) as e:  # timm: RuntimeError, torchvision: ValueError
         if "Unknown model" in str(e) or "Unknown model" in repr(e):
             raise ConfigError(f"unknown model {name!r} (timm.list_models() lists timm's; "

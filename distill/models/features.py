@@ -26,7 +26,7 @@ from torch import nn
 
 from distill.engine.checkpoint import CheckpointMismatch, describe_mismatch
 from distill.errors import ConfigError
-from distill.models.factory import IMAGENET_MEAN, IMAGENET_STD, read_state_dict
+from distill.models.factory import IMAGENET_MEAN, IMAGENET_STD, hub_download_order, read_state_dict
 
 _FEATURE_SOURCES: dict[str, Callable[..., nn.Module]] = {}
 
@@ -150,7 +150,8 @@ def create_feature_extractor(
     """A backbone returning `len(out_strides)` maps; `.channels` / `.strides` describe them."""
     source, model_name = _split(name)
     try:
-        model = _FEATURE_SOURCES[source](model_name, pretrained, tuple(out_strides))
+        with hub_download_order(pretrained):
+            model = _FEATURE_SOURCES[source](model_name, pretrained, tuple(out_strides))
     except (RuntimeError, ValueError) as e:  # timm: RuntimeError, torchvision: ValueError
         if "Unknown model" in str(e):
             raise ConfigError(f"unknown model {name!r} (timm.list_models() lists timm's; "
