@@ -223,6 +223,10 @@ def main(argv=None) -> dict:
                     saved_at = checkpoint()
                 stop_here(accelerator, writer, f"at step {progress.step} of {plan.total_steps} ({out})")
         bar.close()
+        # the loader's workers end here rather than at exit: they keep the run's stop-signal handler, so exit's
+        # SIGTERM would not end them, and a library that keeps a frame (matplotlib keeps its caller's) would keep
+        # this one, and so the loader, alive until then: the process would wait for them for ever
+        del batches
         if stop.finish(progress.step):  # the last checkpoint is written; a resumed launch evaluates
             stop_here(accelerator, writer, f"after the last step, before the evaluation ({out})")
 

@@ -222,7 +222,7 @@ def test_any_failure_of_the_main_process_choice_stops_every_process(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
-def wait_all(procs: list, log: Path, timeout: float = 240) -> list[int]:
+def wait_all(procs: list, log: Path, timeout: float = 480) -> list[int]:
     """Every process's own exit status; all are killed when they do not end in time (a hang: a failure)."""
     deadline = time.time() + timeout
     try:
@@ -247,7 +247,7 @@ def resume_with_unreadable(entry: str, out: Path, rank: int, monkeypatch, *args:
     monkeypatch.setenv("UNREADABLE_RANK", str(rank))
     monkeypatch.setenv("UNREADABLE_FILE", NEWEST)
     log = Path(f"{out}.log")
-    codes = wait_all(ranks(UNREADABLE, PROCESSES, out, *args, "resume=auto", "cluster.timeout_s=30"), log)
+    codes = wait_all(ranks(UNREADABLE, PROCESSES, out, *args, "resume=auto", "cluster.timeout_s=180"), log)
     return codes, log.read_text()
 
 
