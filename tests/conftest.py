@@ -3,6 +3,7 @@ small shared machine two spinning thread pools per process (with loader workers 
 times slower and their timings erratic."""
 import os
 
+import pytest
 import torch
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -22,3 +23,18 @@ LONG_FIRST = ["test_demo.py", "test_cluster.py", "test_demo_signals.py", "test_p
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONG_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FIRST)))  # stable: the rest keep their order
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """For a test that runs an entry point in its own process: its own Accelerator, as a fresh launch would
+    build, and one intra-op thread (the models are too small to gain from more, and on cores shared with other
+    test workers extra threads only spin against each other: minutes instead of seconds)."""
+    from accelerate.state import AcceleratorState
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    torch.set_num_threads(threads)

@@ -34,16 +34,7 @@ TEACHER = ["distill.teacher=test_resnet", "distill.teacher_pretrained=false", "d
 FINETUNE = str(Path(__file__).resolve().parent.parent / "distill" / "finetune_det.py")
 
 
-@pytest.fixture(autouse=True)
-def one_thread_fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

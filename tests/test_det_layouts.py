@@ -352,18 +352,6 @@ eval: {visualize: 0, num_top: 10}
 """
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    torch.set_num_threads(threads)
-
-
 def test_a_run_trains_from_a_yolo_yaml_alone(layouts, tmp_path, fresh_accelerate_state, capsys):
     from distill.finetune_det import main
 

@@ -12,7 +12,9 @@ import torch
 
 from distill.detection.report import class_table, write_plots
 from distill.engine.checkpoint import list_checkpoints
-from test_det_train import finetune, fresh_accelerate_state, world  # noqa: F401 (fixtures)
+from test_det_train import finetune, world  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/conftest.py
 
 # 10 steps of 2 an epoch, evaluated every epoch, every step checkpointed and kept
 EVERY_EPOCH = ["train.eval_every=2", "train.ckpt_every=2", "train.keep_ckpts=100"]

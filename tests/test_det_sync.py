@@ -39,16 +39,7 @@ STEPS, ACCUM = 2, 2
 MATCHER_TRANSFER = ("cpu", "matcher.py", "match_all")  # the cost matrices of one micro-batch, all at once
 
 
-@pytest.fixture(autouse=True)
-def one_thread_fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

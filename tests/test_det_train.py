@@ -25,19 +25,7 @@ model: {backbone: test_efficientnet, hidden_dim: 32, dim_feedforward: 64, num_he
 """
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each in-process run builds its own Accelerator, as a fresh launch would. One intra-op thread: these
-    models are too small to gain from more, and on cores shared with other test workers extra threads only
-    spin against each other (measured: minutes instead of seconds)."""
-    from accelerate.state import AcceleratorState
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
