@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from det_steps import step_parts
 from launches import finish, torchrun
 
 from distill.data.synthetic_coco import generate_coco_shapes
@@ -50,31 +51,6 @@ def config(world: Path, *overrides: str):
 
 
 CPU = SimpleNamespace(device=torch.device("cpu"), num_processes=1, is_main_process=True, mixed_precision="no")
-
-
-def step_parts(cfg, seed: int = 0):
-    """What `finetune_det.main` builds for `detection_step`, on the CPU, without a run folder."""
-    from accelerate import Accelerator
-
-    from distill.detection.ema import RTDETREma
-    from distill.detection.rtdetr import build_criterion, build_rtdetr
-    from distill.engine.guards import UpdateGuard
-    from distill.engine.optim import build_optimizer, warmup_cosine
-    from distill.finetune_det import DetStepParts, model_config, param_groups
-
-    accelerator = Accelerator(cpu=True)
-    torch.manual_seed(seed)
-    model = build_rtdetr(model_config(cfg.model))
-    ema = RTDETREma(model, 0.9, 0)
-    distill = build_feature_distill(cfg, model, accelerator, steps_per_epoch=2.0, strong_until=100)
-    groups = param_groups(model, cfg.optim) + (distill.param_groups(cfg.optim) if distill else [])
-    optimizer = build_optimizer(groups, cfg.optim.lr, cfg.optim.weight_decay)
-    scheduler = warmup_cosine(optimizer, 0, 100, 1.0)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    guard = UpdateGuard(accelerator, optimizer, 10)
-    model.train()
-    return DetStepParts(accelerator, model, build_criterion(model.cfg), optimizer, scheduler, ema, guard,
-                        model.mean, model.std, distill)
 
 
 def fixed_batch(world: Path, cfg) -> dict:

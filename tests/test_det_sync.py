@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from det_steps import step_parts
 from device_syncs import CountSyncs
 
 from distill.data.synthetic_coco import generate_coco_shapes
@@ -50,32 +51,6 @@ def world(tmp_path_factory) -> Path:
     return root
 
 
-def step_parts(cfg):
-    """What `finetune_det.main` builds for `detection_step`, on the CPU, without a run folder."""
-    from accelerate import Accelerator
-
-    from distill.detection.ema import RTDETREma
-    from distill.detection.feature_distill import build_feature_distill
-    from distill.detection.rtdetr import build_criterion, build_rtdetr
-    from distill.engine.guards import UpdateGuard
-    from distill.engine.optim import build_optimizer, warmup_cosine
-    from distill.finetune_det import DetStepParts, model_config, param_groups
-
-    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=ACCUM)
-    torch.manual_seed(0)
-    model = build_rtdetr(model_config(cfg.model))
-    ema = RTDETREma(model, 0.9, 0)
-    distill = build_feature_distill(cfg, model, accelerator, steps_per_epoch=100.0, strong_until=100)
-    groups = param_groups(model, cfg.optim) + (distill.param_groups(cfg.optim) if distill else [])
-    optimizer = build_optimizer(groups, cfg.optim.lr, cfg.optim.weight_decay)
-    scheduler = warmup_cosine(optimizer, 0, 100, 1.0)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    guard = UpdateGuard(accelerator, optimizer, 10)
-    model.train()
-    return DetStepParts(accelerator, model, build_criterion(model.cfg), optimizer, scheduler, ema, guard,
-                        model.mean, model.std, distill)
-
-
 def training_batches(world: Path, cfg) -> list[dict]:
     """The loader's first STEPS x ACCUM batches, Mosaic and MixUp drawn as the recipe says from the start."""
     from distill.data.coco import CocoDetection, DetectionBatchSampler, Phase, build_train_loader
@@ -96,7 +71,7 @@ def test_the_step_waits_for_the_device_only_for_the_matchers_one_transfer(world,
     from distill.finetune_det import detection_step
 
     cfg = load_det_config([f"recipe={world / 'tiny.yaml'}", *OPTIONS[option]])
-    parts = step_parts(cfg)
+    parts = step_parts(cfg, accum=ACCUM, steps_per_epoch=100.0)
     batches = training_batches(world, cfg)
     assert all(sum(len(t["labels"]) for t in b["targets"]) > 0 for b in batches)  # every micro-batch is matched
     for step in range(STEPS):
