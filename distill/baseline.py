@@ -5,11 +5,21 @@ without a teacher (`distill.config.BASELINES` says which keys change), in `<run>
 own. Its top-1 joins the distilled run's summary as `baseline_top1`. With `resume=auto` the launch continues
 where it stopped: a distilled run that had finished is only evaluated again, then the baseline resumes from its
 own newest checkpoint.
+
+A launch of one process on a machine without CUDA and with two cores or more trains the baseline beside the
+distilled run, in a second process, each with half the cores: the two runs share nothing but the data on disk,
+so the weights are those the baseline would reach after the distilled run, and a small CPU run (the demo) does
+not leave a core idle for half its time. A stop signal stops both at their own step, each with its checkpoint;
+the second process also stops when the first ends for any reason.
 """
 from __future__ import annotations
 
 import json
+import logging
+import os
+import signal
 from pathlib import Path
+from typing import Callable, Optional
 
 from accelerate import PartialState
 from omegaconf import DictConfig, OmegaConf
@@ -17,6 +27,9 @@ from omegaconf import DictConfig, OmegaConf
 from distill.config import BASELINES
 from distill.engine.checkpoint import atomic_write_text
 from distill.engine.run_dir import BASELINE_DIR
+from distill.errors import EXIT_REQUEUE, LaunchError, Preempted
+
+logger = logging.getLogger("distill")
 
 
 def baseline_config(cfg: DictConfig) -> DictConfig:
@@ -29,6 +42,79 @@ def baseline_config(cfg: DictConfig) -> DictConfig:
     base.resume = "auto" if cfg.resume else None
     base.overwrite = False  # the distilled run's folder was chosen fresh or emptied, the baseline's with it
     return base
+
+
+def trains_beside(cfg: DictConfig) -> bool:
+    """Whether this launch trains its baseline beside the distilled run (see the module's doc)."""
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return bool(cfg.baseline) and PartialState().num_processes == 1 and not torch.cuda.is_available() and cores >= 2
+
+
+class Beside:
+    """The baseline's run in a second process (spawned: a fresh interpreter, none of this one's state)."""
+
+    def __init__(self, cfg: DictConfig, target: Callable[[DictConfig], None]):
+        """`target(cfg)` trains the baseline in the second process (an entry point's function: see `beside`)."""
+        import multiprocessing
+
+        self.folder = Path(cfg.output_dir)
+        self.signal = signal.Signals[cfg.cluster.stop_signals[0]] if cfg.cluster.stop_signals else signal.SIGTERM
+        self.process = multiprocessing.get_context("spawn").Process(target=target, args=(cfg,),
+                                                                    name="baseline", daemon=False)
+        self.process.start()
+
+    def result(self) -> dict:
+        """The baseline's summary, once its process has ended; its stop or failure as this process's."""
+        from distill.engine.preemption import STOP
+
+        logger.info("the baseline beside the distilled run, in a second process (%s)%s", self.folder,
+                    ": waiting for it" if self.process.is_alive() else "")
+        forwarded = False
+        while self.process.is_alive():  # a stop signal that reaches this process while it waits stops the baseline
+            self.process.join(0.2)
+            if STOP.received is not None and not forwarded:
+                os.kill(self.process.pid, self.signal)
+                forwarded = True
+        code = self.process.exitcode
+        if code == EXIT_REQUEUE or (forwarded and code == -self.signal):  # also stopped before its handlers were set
+            raise Preempted(f"the baseline beside the distilled run stopped on a signal ({self.folder})")
+        if code != 0:
+            raise LaunchError(f"the baseline beside the distilled run ({self.folder}) ended with exit status {code}; "
+                              f"its error is printed above")
+        return json.loads((self.folder / "summary.json").read_text())
+
+    def stop(self, timeout_s: Optional[float] = None) -> None:
+        """This launch ends early: the baseline stops at its step with a checkpoint, as on a stop signal."""
+        if self.process.is_alive():
+            os.kill(self.process.pid, self.signal)
+            self.process.join(timeout_s)
+        if self.process.is_alive():
+            self.process.kill()
+
+
+def end_with_parent(cfg: DictConfig) -> None:
+    """In the second process: its stop signal arrives when the launch's process ends, however it ends."""
+    import multiprocessing
+
+    parent = multiprocessing.parent_process()
+    _end_with_parent(signal.Signals[cfg.cluster.stop_signals[0]] if cfg.cluster.stop_signals else signal.SIGTERM,
+                     parent.pid if parent else os.getppid())
+
+
+def _end_with_parent(stop: signal.Signals, parent: int) -> None:
+    """Linux: `stop` reaches this process when its parent (pid `parent`) ends, however it ends (even SIGKILL);
+    also when it ended already, while this process was starting, before the request could be made."""
+    try:
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(stop))
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # adopted: the parent is gone and the request above comes too late
+        os.kill(os.getpid(), stop)
 
 
 def add_baseline(cfg: DictConfig, summary: dict, baseline: dict) -> dict:

@@ -134,9 +134,10 @@ def command(module: str, requires: Optional[Mapping[str, tuple[str, str]]] = Non
                 try:
                     return main(argv, *args, **kwargs)
                 finally:
-                    from distill.engine.preemption import STOP  # loaded with the entry point: no cost here
+                    from distill.engine.preemption import STOP, end_loader_workers  # loaded with the entry point
 
                     STOP.uninstall()
+                    end_loader_workers()
 
         return wrapper
 

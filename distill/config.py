@@ -263,7 +263,7 @@ PRETRAIN_CHOICES = {
     "teacher.compile_mode": COMPILE_MODES,
     "baseline": (None, *BASELINES),
     "teacher.mode": ("online", "offline"),
-    "data.generate": (None, "demo"),
+    "data.generate": (None, "demo", "demo_rich"),  # distill.data.synthetic.GENERATE_KINDS
     "teacher.interpolation": (None, "bilinear", "bicubic"),
     "train.precision": ("auto", "no", "bf16", "fp16"),
     "loss.feature_loss": ("cosine", "smooth_l1", "mse"),

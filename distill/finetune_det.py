@@ -57,6 +57,7 @@ from distill.detection.recipe import check_epochs, check_mixup_batch, epoch_wind
 from distill.detection.report import class_table, write_plots
 from distill.detection.rtdetr import RTDETRConfig, build_criterion, build_rtdetr
 from distill.detection.run import CATEGORIES_FILE
+from distill.detection.schedule import apply_scaled_schedule, explicit_keys
 from distill.detection.sync_bn import to_sync_batchnorm
 from distill.detection.visualize import save_prediction_grid
 from distill.engine.checkpoint import (
@@ -66,7 +67,9 @@ from distill.engine.checkpoint import (
     load_checkpoint,
     load_state_strict,
 )
-from distill.engine.distributed import broadcast_from_main, match_gradient_buckets, share_buffers, start_processes
+from distill.engine.distributed import (
+    broadcast_from_main, gather_from_all, match_gradient_buckets, share_buffers, start_processes,
+)
 from distill.engine.guards import UpdateGuard, weight_checksums
 from distill.engine.run_dir import choose_run_dir
 from distill.engine.logging import make_accelerator, process_means, start_trackers
@@ -85,7 +88,8 @@ BEST_FILE, LAST_FILE = "best.pt", "last.pt"
 
 @command("distill.finetune_det")
 def main(argv=None) -> dict:
-    cfg = load_det_config(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = load_det_config(argv)
     start_processes(cfg.cluster.timeout_s)
     set_threads(cfg.data.num_workers)  # after Accelerate's process state, which may set its own
     STOP.install(cfg.cluster.stop_signals)
@@ -106,7 +110,15 @@ def main(argv=None) -> dict:
                               mosaic=mosaic_settings(cfg.data))
     val_set = CocoDetection(data.val.image_dir, data.val.ann_file, False, cfg.data.img_size,
                             categories=train_set.categories)  # one label mapping: the training set's
+    check_same_data(len(train_set), root)
+    if cfg.train.scale_schedule:  # the steps an epoch first, then the schedule they size
+        apply_scaled_schedule(cfg, len(train_set), int(plan_steps(cfg, len(train_set), world).steps_per_epoch),
+                              explicit_keys(argv))
+        if not cfg.train.steps:
+            check_epochs(cfg, float(cfg.train.epochs), f"train.epochs={cfg.train.epochs:g} (scaled)")
     plan = plan_steps(cfg, len(train_set), world)
+    if cfg.train.eval_every < 0:  # every epoch
+        cfg.train.eval_every = max(1, int(plan.steps_per_epoch))
     resume_from = choose_resume(cfg.resume, out)  # the main process's choice, the same on every process
     if not resume_from:  # a resumed run is checked once its step is known, below
         check_mixup_batch(cfg, world, plan.mixup)
@@ -288,6 +300,16 @@ class Plan:
     mosaic: tuple[int, int] = (0, 0)  # [start, stop) steps of Mosaic (DEIM's training)
     mixup: tuple[int, int] = (0, 0)  # [start, stop) steps of batch MixUp
     flat_until: int = 0  # optim.schedule=flat_cosine: the step the cosine starts at
+
+
+def check_same_data(num_images: int, root: Path) -> None:
+    """Every process counts the training images it reads (a COCO layout is read where it is, on each node): the
+    steps, the scaled schedule and the sampler follow from the count, and processes that disagree would train
+    different schedules until a collective timed out. Every process raises the same error."""
+    counts = gather_from_all(num_images)
+    if len(set(counts)) > 1:
+        raise ConfigError(f"the processes read different training sets from data.root={root} (images by process: "
+                          f"{counts}): every node must hold the same data there")
 
 
 def plan_steps(cfg, num_images: int, world_size: int) -> Plan:

@@ -28,6 +28,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m distill.predict", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source",
+                   help="a detection run folder, a checkpoint, or an exported folder (hf-rtdetr, hf-dfine, onnx)")
+    p.add_argument("images", help="a folder, a glob pattern (quote it) or one image file")
+    p.add_argument("--out", required=True, help="folder for predictions.json and the drawn images")
+    p.add_argument("--threshold", type=float, default=0.3, help="lowest score kept (default: 0.3)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-workers", type=int, default=2, help="image decoding processes")
+    p.add_argument("--img-size", type=int, help="input side (default: the run's evaluation side)")
+    p.add_argument("--num-top", type=int, help="detections considered per image (default: the run's eval.num_top)")
+    p.add_argument("--weights", choices=("ema", "model"), default="ema", help="a run's EMA (default) or raw weights")
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1, ...")
+    p.add_argument("--no-draw", action="store_true", help="write predictions.json only")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":  # --help and argument mistakes are answered before the imports below
+    parse_args(sys.argv[1:])
+
 import numpy as np
 import torch
 from PIL import Image
@@ -218,24 +240,6 @@ def predict_images(predictor: Predictor, paths: Sequence[Path], out: Path, thres
               "threshold": threshold}
     atomic_write_text(out / "predictions.json", json.dumps(result))
     return result
-
-
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m distill.predict", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source",
-                   help="a detection run folder, a checkpoint, or an exported folder (hf-rtdetr, hf-dfine, onnx)")
-    p.add_argument("images", help="a folder, a glob pattern (quote it) or one image file")
-    p.add_argument("--out", required=True, help="folder for predictions.json and the drawn images")
-    p.add_argument("--threshold", type=float, default=0.3, help="lowest score kept (default: 0.3)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--num-workers", type=int, default=2, help="image decoding processes")
-    p.add_argument("--img-size", type=int, help="input side (default: the run's evaluation side)")
-    p.add_argument("--num-top", type=int, help="detections considered per image (default: the run's eval.num_top)")
-    p.add_argument("--weights", choices=("ema", "model"), default="ema", help="a run's EMA (default) or raw weights")
-    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1, ...")
-    p.add_argument("--no-draw", action="store_true", help="write predictions.json only")
-    return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:

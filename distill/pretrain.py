@@ -23,14 +23,16 @@ if __name__ == "__main__":  # --help and argument mistakes are answered before t
 import numpy as np
 import torch
 
-from distill.baseline import add_baseline, baseline_config, print_outcome
-from distill.cli import command
+from accelerate import PartialState
+
+from distill.baseline import Beside, add_baseline, baseline_config, end_with_parent, print_outcome, trains_beside
+from distill.cli import command, user_errors
 from distill.config import ConfigError, load_pretrain_config, save_config
 from distill.data.labels import check_labels
 from distill.data.loader import build_eval_loader, build_train_loader
 from distill.data.mix import DataMix
 from distill.data.mixup import mixup_batch
-from distill.data.synthetic import ensure_demo_dataset
+from distill.data.synthetic import ensure_generated
 from distill.engine.checkpoint import CheckpointWriter, atomic_write_text
 from distill.engine.distributed import end_processes, match_gradient_buckets, share_buffers, start_processes
 from distill.engine.evaluate import evaluate_topk
@@ -64,29 +66,71 @@ def main(argv=None) -> dict:
         return print_plan(plan, describe_run(plan))
     cfg.student.channels_last = auto_on_gpu(cfg.student.channels_last)
     start_processes(cfg.cluster.timeout_s)
-    set_threads(cfg.data.num_workers)  # after Accelerate's process state, which may set its own
+    beside = trains_beside(cfg)  # the baseline in a second process, at once (distill/baseline.py)
+    set_threads(cfg.data.num_workers, processes=2 if beside else None)  # after Accelerate's process state
     STOP.install(cfg.cluster.stop_signals)
     writer = CheckpointWriter()  # the launch's: its runs go on while their checkpoints are written
-    summary = train(cfg, writer)
-    if cfg.baseline:
-        if stop_agreed(cfg.cluster.timeout_s):  # the distilled run is complete; a resumed launch goes on with the baseline
-            raise Preempted(f"before the baseline run ({cfg.output_dir}/baseline)")
-        summary = add_baseline(cfg, summary, train(baseline_config(cfg), writer))
+    choose_folder(cfg)
+    prepare_data(cfg)
+    baseline = Beside(choose_folder(baseline_config(cfg)), train_beside) if beside else None
+    try:
+        summary = train(cfg, writer)
+        if baseline:
+            summary = add_baseline(cfg, summary, baseline.result())
+        elif cfg.baseline:
+            if stop_agreed(cfg.cluster.timeout_s):  # the distilled run is complete; a resume goes on with the baseline
+                raise Preempted(f"before the baseline run ({cfg.output_dir}/baseline)")
+            summary = add_baseline(cfg, summary, train(choose_folder(baseline_config(cfg)), writer, label="baseline"))
+    finally:
+        if baseline:
+            baseline.stop(cfg.cluster.timeout_s)
     writer.wait()
     print_outcome(cfg, summary)
     end_processes()
     return summary
 
 
-def train(cfg, writer: CheckpointWriter) -> dict:
-    """One run into its folder (chosen here, and written back to `cfg.output_dir`): build, loop, evaluate."""
-    out = choose_run_dir(cfg.output_dir, Path("runs") / Path(cfg.recipe).stem, cfg.resume, cfg.overwrite)
-    cfg.output_dir = str(out)
+def train_beside(cfg) -> None:
+    """The baseline's run in its second process (`distill.baseline.Beside`), with half the cores, ending as a
+    launch ends: a stop signal stops it with a checkpoint (also when the launch's process ends first)."""
+    import multiprocessing
+
+    end_with_parent(cfg)
+    multiprocessing.set_start_method("fork", force=True)  # loader workers as in a launch's process: forked
+    code = 0
+    try:
+        with user_errors():
+            start_processes(cfg.cluster.timeout_s)
+            set_threads(cfg.data.num_workers, processes=2)
+            STOP.install(cfg.cluster.stop_signals)
+            writer = CheckpointWriter()
+            train(cfg, writer, label="baseline")
+            writer.wait()
+    except SystemExit as end:  # out of the run's frames first, so that its loader workers end before the process
+        code = end.code
+    sys.exit(code)
+
+
+def choose_folder(cfg):
+    """`cfg` with the run's folder chosen (the same on every process) and written back to `output_dir`."""
+    cfg.output_dir = str(choose_run_dir(cfg.output_dir, Path("runs") / Path(cfg.recipe).stem, cfg.resume,
+                                        cfg.overwrite))
+    return cfg
+
+
+def prepare_data(cfg) -> None:
+    """The generated data (`data.generate`), written once by the main process before any run reads it."""
+    state = PartialState()
+    if state.is_main_process and cfg.data.generate:
+        ensure_generated(cfg.data.generate, cfg.data.root)
+    state.wait_for_everyone()
+
+
+def train(cfg, writer: CheckpointWriter, label: str = "distill") -> dict:
+    """One run into its folder (`choose_folder`), its progress shown as `label`: build, loop, evaluate."""
+    out = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg.train.precision, cfg.optim.grad_accum, out, cfg.train.trackers)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    if accelerator.is_main_process and cfg.data.generate == "demo":
-        ensure_demo_dataset(Path(cfg.data.root) / "demo")
-    accelerator.wait_for_everyone()
 
     # ---- build ------------------------------------------------------------------------------------
     mix = DataMix.load(cfg.data.mix, cfg.data.root)
@@ -166,7 +210,7 @@ def train(cfg, writer: CheckpointWriter) -> dict:
 
     # ---- loop -------------------------------------------------------------------------------------
     student.train()
-    bar = ProgressBar(total_steps, "distill", initial=progress.step, enabled=accelerator.is_main_process)
+    bar = ProgressBar(total_steps, label, initial=progress.step, enabled=accelerator.is_main_process)
     batches = iter(loader)
     stop, saved_at = StopAgreement(cfg.cluster.timeout_s), progress.step
     with timeouts_named(lambda: progress.step + 1, cfg.cluster.timeout_s):

@@ -1,9 +1,10 @@
 """Which pretraining makes the better detection backbone, on the demos' generated data: the detection demo
 (recipes/det_demo.yaml) fine-tuned from a random MobileNetV4-Conv-S 0.35x and from the same network distilled by
 its logits, its feature maps, or both (recipes/demo_feature.yaml, at equal pretraining steps), AP per seed with
-mean and spread, as BENCHMARKS.md's table.
+its mean and each start's difference from the random one, paired by seed, with a 95% t-interval, as
+BENCHMARKS.md's table.
 
-    python scripts/backbone_transfer.py                       # seeds 0-2: 9 pretraining runs, 12 detection runs
+    python scripts/backbone_transfer.py                       # seeds 0-4: 15 pretraining runs, 20 detection runs
     python scripts/backbone_transfer.py --seeds 2 --out runs/backbone_transfer
 
 Seed N pretrains with train.seed=N and fine-tunes with train.seed=N. One teacher serves every pretraining run:
@@ -23,7 +24,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from det_demo_seeds import spread  # noqa: E402
+from paired_stats import paired_table, spread  # noqa: E402
 
 from distill.engine.checkpoint import resolve_resume  # noqa: E402
 
@@ -66,25 +67,24 @@ def finetune(backbone: Path | None, seed: int, folder: Path, data: Path) -> dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--out", type=Path, default=Path("runs/backbone_transfer"))
     parser.add_argument("--data", type=Path, default=Path("data"), help="where the demos' data is generated")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     teacher = args.out / "teacher.pt"
-    results: dict[str, list[dict]] = {name: [] for name in PRETRAINING}
+    results: dict[str, dict[int, dict]] = {name: {} for name in PRETRAINING}
     for seed in args.seeds:
         for name, keys in sorted(PRETRAINING.items(), key=lambda item: item[0] != "feature"):  # its teacher fit first
             slug = name.replace("+", "_")
             backbone = None if keys is None else pretrain(keys, seed, args.out / f"pre_{slug}_s{seed}", teacher,
                                                           args.data)
-            results[name].append(finetune(backbone, seed, args.out / f"det_{slug}_s{seed}",
-                                          args.data / "det_demo"))
-    print("| backbone | AP per seed | AP, mean ± sd | AP50, mean ± sd |")
-    print("|---|---|---:|---:|")
+            results[name][seed] = finetune(backbone, seed, args.out / f"det_{slug}_s{seed}",
+                                           args.data / "det_demo")
+    print(paired_table({name: {s: r["AP"] for s, r in runs.items()} for name, runs in results.items()}, "random"))
+    print("\n| backbone | AP50, mean ± sd |\n|---|---:|")
     for name, runs in results.items():
-        ap, ap50 = [r["AP"] for r in runs], [r["AP50"] for r in runs]
-        print(f"| {name} | {' / '.join(f'{100 * a:.1f}' for a in ap)} | {spread(ap)} | {spread(ap50)} |")
+        print(f"| {name} | {spread([r['AP50'] for r in runs.values()])} |")
 
 
 if __name__ == "__main__":

@@ -14,10 +14,12 @@ import argparse
 import json
 import os
 import re
-import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from paired_stats import spread  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,12 +32,6 @@ def run(variant: str, seed: int, out: Path, data: Path) -> dict:
                         f"train.seed={seed}", f"output_dir={folder}", f"data.root={data}", "resume=auto"],
                        env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True)
     return json.loads((folder / "summary.json").read_text())
-
-
-def spread(values: list[float]) -> str:
-    mean = statistics.mean(values)
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * mean:.1f} ± {100 * sd:.1f}"
 
 
 def main() -> None:

@@ -5,6 +5,7 @@
     NONFINITE_RANK=1      that process's loss is non-finite at every step (its gradients too, and through the
                           all-reduce everyone's): the scaler skips every update on every process, but only that
                           process saw a non-finite loss
+    CRASH_AT_STEP=N       the loss raises at its Nth call (a defect, not a user error), its loader workers running
 """
 import os
 
@@ -36,5 +37,21 @@ if os.environ.get("NONFINITE_RANK") == os.environ.get("RANK"):
         return losses
 
     finetune.build_criterion = nonfinite_criterion
+
+if os.environ.get("CRASH_AT_STEP"):
+    build_for_crash = finetune.build_criterion
+
+    def crashing_criterion(*args, **kwargs):
+        criterion, calls = build_for_crash(*args, **kwargs), []
+
+        def losses(outputs, targets):
+            calls.append(1)
+            if len(calls) == int(os.environ["CRASH_AT_STEP"]):
+                raise RuntimeError("a fault put in at this step")
+            return criterion(outputs, targets)
+
+        return losses
+
+    finetune.build_criterion = crashing_criterion
 
 finetune.main()

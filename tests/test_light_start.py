@@ -25,6 +25,8 @@ CASES = [
     (("module", "distill.finetune_det"), ["recipe=det_demo", "optim.lr=abc"], 2),
     (("module", "distill.export"), ["--help"], 0),
     (("module", "distill.export"), ["run", "--out", "x", "--to", "no_such_target"], 2),
+    (("module", "distill.predict"), ["--help"], 0),
+    (("module", "distill.predict"), ["run"], 2),
     (("script", "scripts/folder_to_shards.py"), ["--help"], 0),
     (("script", "scripts/folder_to_shards.py"), ["no_such_folder", "out"], 2),
     (("console", "pretrain"), ["--help"], 0),

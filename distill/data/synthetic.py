@@ -154,3 +154,17 @@ def ensure_demo_dataset(root: Union[str, Path], **kw) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+# `data.generate` kinds: each writes its set under data.root/<kind> with these arguments to ensure_demo_dataset.
+# demo_rich has every (shape, colour) class the generator can draw (56, against the demo's 10), 80 training
+# images of each: a pretraining set that covers more than any one downstream task's objects.
+GENERATE_KINDS: dict[str, dict[str, Any]] = {
+    "demo": {},
+    "demo_rich": dict(num_classes=MAX_CLASSES, train_per_class=80, val_per_class=10),
+}
+
+
+def ensure_generated(kind: str, data_root: Union[str, Path]) -> Path:
+    """The generated set `kind` (a key of GENERATE_KINDS) at data_root/kind, written if missing."""
+    return ensure_demo_dataset(Path(data_root) / kind, **GENERATE_KINDS[kind])

@@ -165,15 +165,24 @@ def _source_keys(model: nn.Module, key: str, layout: str) -> list[str] | None:
     return layout_keys(key, layout)
 
 
-def load_detector_weights(model: nn.Module, path: str | Path) -> InitReport:
-    """Load the encoder and decoder tensors of `path` that fit `model` (in place); the backbone stays."""
+def load_detector_weights(model: nn.Module, path: str | Path, backbone: bool = False) -> InitReport:
+    """Load the encoder and decoder tensors of `path` that fit `model` (in place). The backbone stays as given,
+    unless `backbone` is set and `path` is a checkpoint of this project holding this very backbone (every tensor
+    of the same name and shape): then it comes along, as a whole detector's does."""
     source, layout = read_detector_weights(path)
     check_same_head(model, source, path)
     report = InitReport(str(path), layout)
     chosen, used = {}, set()
+    own = {k: v for k, v in model.state_dict().items() if k.startswith("backbone.")}
+    if backbone and layout == "ours" and all(k in source and source[k].shape == v.shape for k, v in own.items()):
+        chosen |= {k: source[k].to(v.dtype) for k, v in own.items()}
+        used.update(own)
+        report.loaded += list(own)
+        own = {}
     for key, value in model.state_dict().items():
         if key.startswith("backbone."):
-            report.kept.append(key)
+            if key in own:
+                report.kept.append(key)
             continue
         keys = _source_keys(model, key, layout)
         tensor = gather(source, keys) if keys else None

@@ -125,7 +125,9 @@ class DetTrainConfig:
     log_every: int = 50
     ckpt_every: int = 1000
     keep_ckpts: int = 2
-    eval_every: int = 0  # 0: evaluate at the end only
+    eval_every: int = 0  # steps between evaluations; 0: at the end only; -1: every epoch (its steps come from the data)
+    # size the schedule by the training set (distill.detection.schedule); keys set on the command line win
+    scale_schedule: bool = False
     max_bad_steps: int = 10  # stop after this many non-finite losses in a row
     trackers: list[str] = field(default_factory=lambda: ["tensorboard", "jsonl"])
 
@@ -261,7 +263,7 @@ DET_RANGES = {
     "train.log_every": at_least(1),
     "train.ckpt_every": at_least(1),
     "train.keep_ckpts": at_least(1),
-    "train.eval_every": at_least(0),
+    "train.eval_every": at_least(-1),
     "train.max_bad_steps": at_least(1),
     "cluster.timeout_s": TIMEOUT,
     "eval.num_top": at_least(1, 100_000),

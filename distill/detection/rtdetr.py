@@ -115,7 +115,8 @@ def build_rtdetr(cfg: RTDETRConfig) -> RTDETR:
     if cfg.init_from:
         from distill.detection.pretrained import load_detector_weights
 
-        model.init_report = load_detector_weights(model, cfg.init_from)
+        # a whole detector of this project brings its backbone, unless model.backbone_checkpoint names one
+        model.init_report = load_detector_weights(model, cfg.init_from, backbone=not cfg.backbone_checkpoint)
     return model
 
 

@@ -37,7 +37,9 @@ class RTDETRConfig:
     out_strides: tuple[int, ...] = (8, 16, 32)
     depth_mult: float = 1.0  # CSP units per fusion block = round(3 · depth_mult)
     dropout: float = 0.0
-    init_from: Optional[str] = None  # encoder + decoder weights: an official RT-DETRv2 / D-FINE .pth or a transformers folder
+    # encoder + decoder weights: an official RT-DETRv2 / D-FINE .pth or a transformers folder; a run's best.pt
+    # brings its backbone too (unless backbone_checkpoint names one)
+    init_from: Optional[str] = None
     head: str = "rtdetrv2"  # the decoder head: rtdetrv2 | dfine
     # D-FINE head only: sampling points per level (D-FINE-S [3, 6, 3]); None: num_points on every level
     num_points_per_level: Optional[tuple[int, ...]] = None

@@ -97,6 +97,18 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
+def end_loader_workers() -> None:
+    """Ends the loader workers an entry point leaves behind. They ignore the stop signals (above), so the SIGTERM
+    that multiprocessing sends its daemonic children when the interpreter exits does not end them, and its join
+    would then wait for ever where a run ended while an iterator still held them (an error, a stop)."""
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        if child.daemon and getattr(getattr(child, "_target", None), "__name__", "") == "_worker_loop":
+            child.kill()
+            child.join(5)
+
+
 # --------------------------------------------------------------------------------------------------
 # Agreement and heartbeats
 # --------------------------------------------------------------------------------------------------

@@ -31,12 +31,13 @@ def choose_threads(cores: int, processes: int, workers: int, user_setting: Optio
     return threads, why
 
 
-def set_threads(workers: int) -> str:
-    """Sets torch's intra-op threads for this process (see the module's doc); what was chosen and why."""
+def set_threads(workers: int, processes: Optional[int] = None) -> str:
+    """Sets torch's intra-op threads for this process (see the module's doc; `processes`: those sharing this
+    machine's cores, if not the launch's own); what was chosen and why."""
     import torch
 
     global _chosen
-    processes = int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
+    processes = processes or int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     threads, why = choose_threads(cores, processes, workers, os.environ.get(ENV))
     torch.set_num_threads(threads)

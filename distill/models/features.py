@@ -147,8 +147,10 @@ def create_feature_extractor(
     checkpoint: Optional[str] = None,
     out_strides: Sequence[int] = (8, 16, 32),
 ) -> nn.Module:
-    """A backbone returning `len(out_strides)` maps; `.channels` / `.strides` describe them."""
+    """A backbone returning `len(out_strides)` maps; `.channels` / `.strides` describe them. With a `checkpoint`
+    the hub's weights are not fetched: the checkpoint's replace them."""
     source, model_name = _split(name)
+    pretrained = pretrained and not checkpoint
     try:
         with hub_download_order(pretrained):
             model = _FEATURE_SOURCES[source](model_name, pretrained, tuple(out_strides))
@@ -156,6 +158,9 @@ def create_feature_extractor(
         if "Unknown model" in str(e):
             raise ConfigError(f"unknown model {name!r} (timm.list_models() lists timm's; "
                               f"torchvision's are named torchvision/<name>)") from None
+        if "No pretrained weights" in str(e):
+            raise ConfigError(f"{name!r} has no pretrained weights to fetch: set model.pretrained_backbone=false "
+                              f"(random) or model.backbone_checkpoint=...") from None
         if isinstance(e, ValueError):  # a malformed name or arguments the model does not take
             raise ConfigError(f"cannot build model {name!r}: {e}") from None
         raise
