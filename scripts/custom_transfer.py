@@ -50,7 +50,7 @@ STARTS = ("random", "logit", "feature", "detector")
 # recipes/finetune_custom.yaml's detector is the full-size one; at this scale it takes det_demo's small detector,
 # batch and learning rates (a random backbone learns nothing in minutes at the recipe's 1e-5), one evaluation
 # at the end, and keeps the recipe's size-scaled warm-up, EMA and augmentation choices for the given steps.
-SMALL_DETECTOR = [f"model.backbone={BACKBONE}", "model.pretrained_backbone=false", "model.hidden_dim=128",
+SMALL_DETECTOR = [f"model.backbone={BACKBONE}", "model.pretrained_backbone=false", "model.pretrained_backbone=false", "model.hidden_dim=128",
                   "model.expansion=0.5", "model.num_queries=30", "model.num_decoder_layers=3", "model.num_heads=8", "model.num_points=4",
                   "model.dim_feedforward=256", "model.num_denoising=20", "data.global_batch_size=8",
                   "data.val_batch_size=50", "data.num_workers=1", "optim.lr=1e-3", "optim.backbone_lr=1e-3",

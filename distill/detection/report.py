@@ -87,7 +87,9 @@ def plot_curves(records: list[dict], path: Path) -> Path:
     for key in ("AP", "AP50", "AP75"):
         steps, values = _series(records, key)
         scores.plot(steps, values, marker="o", label=key)
-    scores.set(title="validation AP", xlabel="step", ylim=(0, 1))
+    # the three panels share the run's steps, also when AP was measured once (at the end)
+    last = max((r.get("step") or 0 for r in records), default=0)
+    scores.set(title="validation AP", xlabel="step", ylim=(0, 1), xlim=(0, max(1, last) * 1.02))
     for ax in (losses, rates, scores):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
