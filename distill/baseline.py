@@ -48,19 +48,26 @@ def trains_beside(cfg: DictConfig) -> bool:
     """Whether this launch trains its baseline beside the distilled run (see the module's doc)."""
     import torch
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return bool(cfg.baseline) and PartialState().num_processes == 1 and not torch.cuda.is_available() and cores >= 2
+    from distill.engine.threads import usable_cores
+
+    return (bool(cfg.baseline) and PartialState().num_processes == 1 and not torch.cuda.is_available()
+            and usable_cores() >= 2)
+
+
+def stop_signal(cfg: DictConfig) -> signal.Signals:
+    """The signal that stops a run at its step with a checkpoint: the first of `cluster.stop_signals`."""
+    return signal.Signals[cfg.cluster.stop_signals[0]] if cfg.cluster.stop_signals else signal.SIGTERM
 
 
 class Beside:
     """The baseline's run in a second process (spawned: a fresh interpreter, none of this one's state)."""
 
     def __init__(self, cfg: DictConfig, target: Callable[[DictConfig], None]):
-        """`target(cfg)` trains the baseline in the second process (an entry point's function: see `beside`)."""
+        """`target(cfg)` trains the baseline in the second process (`distill.pretrain.train_beside`)."""
         import multiprocessing
 
         self.folder = Path(cfg.output_dir)
-        self.signal = signal.Signals[cfg.cluster.stop_signals[0]] if cfg.cluster.stop_signals else signal.SIGTERM
+        self.signal = stop_signal(cfg)
         self.process = multiprocessing.get_context("spawn").Process(target=target, args=(cfg,),
                                                                     name="baseline", daemon=False)
         self.process.start()
@@ -99,8 +106,7 @@ def end_with_parent(cfg: DictConfig) -> None:
     import multiprocessing
 
     parent = multiprocessing.parent_process()
-    _end_with_parent(signal.Signals[cfg.cluster.stop_signals[0]] if cfg.cluster.stop_signals else signal.SIGTERM,
-                     parent.pid if parent else os.getppid())
+    _end_with_parent(stop_signal(cfg), parent.pid if parent else os.getppid())
 
 
 def _end_with_parent(stop: signal.Signals, parent: int) -> None:

@@ -31,6 +31,11 @@ def choose_threads(cores: int, processes: int, workers: int, user_setting: Optio
     return threads, why
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the system has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def set_threads(workers: int, processes: Optional[int] = None) -> str:
     """Sets torch's intra-op threads for this process (see the module's doc; `processes`: those sharing this
     machine's cores, if not the launch's own); what was chosen and why."""
@@ -38,7 +43,7 @@ def set_threads(workers: int, processes: Optional[int] = None) -> str:
 
     global _chosen
     processes = processes or int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     threads, why = choose_threads(cores, processes, workers, os.environ.get(ENV))
     torch.set_num_threads(threads)
     _chosen = f"{threads} ({why})"
